@@ -1,0 +1,59 @@
+"""Pure functions, one per idea of the course. No Flax, no global state.
+
+Every function documents its shapes and the chapter it implements; see the module docstrings.
+"""
+from tfd_jax.ops.attention import (
+    attention,
+    attention_weights,
+    causal_mask,
+    combine_masks,
+    cross_attention_mask,
+    merge_heads,
+    padding_mask,
+    split_heads,
+)
+from tfd_jax.ops.dropout import dropout
+from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, feed_forward, gated_feed_forward
+from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
+from tfd_jax.ops.norms import layer_norm, rms_norm
+from tfd_jax.ops.positional import apply_rope, learned_positions, rope_frequencies, sinusoidal_positions
+from tfd_jax.ops.sampling import (
+    apply_temperature,
+    check_sampling_args,
+    filter_logits,
+    sample,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "accuracy",
+    "activation_fn",
+    "apply_rope",
+    "apply_temperature",
+    "attention",
+    "attention_weights",
+    "causal_mask",
+    "check_sampling_args",
+    "combine_masks",
+    "cross_attention_mask",
+    "cross_entropy",
+    "dropout",
+    "feed_forward",
+    "filter_logits",
+    "gated_feed_forward",
+    "layer_norm",
+    "learned_positions",
+    "merge_heads",
+    "padding_mask",
+    "perplexity",
+    "rms_norm",
+    "rope_frequencies",
+    "sample",
+    "sinusoidal_positions",
+    "split_heads",
+    "token_cross_entropy",
+    "top_k_filter",
+    "top_p_filter",
+]

@@ -1,0 +1,160 @@
+"""Scaled dot-product attention, its masks, and the multi-head reshapes (course Chapters 5 and 12).
+
+Shape letters: B batch, T query length, S key length, H heads, D head dim, M model width.
+
+Masks are boolean and read "True = this query may look at this key". They broadcast to
+``[B, H, T, S]``, so a causal mask ``[T, S]``, a padding mask ``[B, 1, 1, S]`` and their
+combination all work. Combining two masks is a logical AND (:func:`combine_masks`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+AttentionImpl = Literal["reference", "xla", "cudnn"]
+
+# A large negative number rather than -inf: a fully masked row then gives a uniform softmax instead
+# of NaN, and bf16 can still represent it.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def causal_mask(T: int, S: int | None = None, offset: int | jax.Array = 0) -> jax.Array:
+    """Lower-triangular "may attend" mask (Chapter 12).
+
+    Query ``t`` sits at absolute position ``offset + t`` and may attend to keys ``s <= offset + t``.
+    With ``offset=0`` and ``T == S`` this is the course's mask (0 on and below the diagonal,
+    -inf above it, here as booleans). During cached decoding the queries are the newest ``T``
+    tokens, so ``offset = S_filled - T``.
+
+    Args:
+      T: number of queries.
+      S: number of keys (defaults to ``T``).
+      offset: absolute position of the first query; an int or a scalar/``[B]`` array.
+    Returns:
+      bool ``[T, S]``, or ``[B, 1, T, S]`` if ``offset`` has shape ``[B]``.
+    """
+    S = T if S is None else S
+    q_pos = jnp.arange(T)[:, None]
+    k_pos = jnp.arange(S)[None, :]
+    offset = jnp.asarray(offset)
+    if offset.ndim == 1:
+        return (k_pos[None] <= q_pos[None] + offset[:, None, None])[:, None]
+    return k_pos <= q_pos + offset
+
+
+def padding_mask(key_valid: jax.Array) -> jax.Array:
+    """Mask out padded keys (e.g. BERT-style padding, ragged prompts).
+
+    Args:
+      key_valid: bool ``[B, S]``, True where the key is a real token.
+    Returns:
+      bool ``[B, 1, 1, S]``, broadcastable against ``[B, H, T, S]``.
+    """
+    return key_valid[:, None, None, :].astype(bool)
+
+
+def cross_attention_mask(query_valid: jax.Array | None, key_valid: jax.Array) -> jax.Array:
+    """Mask for cross-attention (Chapter 19, Part 5): decoder queries over encoder keys, no causality.
+
+    Args:
+      query_valid: bool ``[B, T]`` or None (all queries valid). Padded queries attend nowhere useful,
+        but keeping them finite is enough since their outputs are ignored downstream.
+      key_valid: bool ``[B, S]``, True for real encoder tokens.
+    Returns:
+      bool ``[B, 1, T, S]`` (``T`` is 1 when ``query_valid`` is None, and broadcasts).
+    """
+    mask = key_valid[:, None, None, :].astype(bool)
+    if query_valid is not None:
+        mask = mask & query_valid[:, None, :, None].astype(bool)
+    return mask
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """Logical AND of the masks that are not None (None if all are)."""
+    out = None
+    for m in masks:
+        if m is None:
+            continue
+        out = m if out is None else jnp.logical_and(out, m)
+    return out
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``[B, T, M]`` -> ``[B, T, H, D]`` with ``D = M // H`` (Chapter 5, Part 2)."""
+    B, T, M = x.shape
+    if M % num_heads:
+        raise ValueError(f"width {M} is not divisible by {num_heads} heads")
+    return x.reshape(B, T, num_heads, M // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """``[B, T, H, D]`` -> ``[B, T, H*D]``: the "concatenate the heads" step before W_O."""
+    B, T, H, D = x.shape
+    return x.reshape(B, T, H * D)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(Q K^T / sqrt(D)) over keys, in float32 (Chapter 5, Parts 4-5).
+
+    Args:
+      q: ``[B, T, H, D]``; k: ``[B, S, H, D]``; mask: bool, broadcastable to ``[B, H, T, S]``.
+    Returns:
+      float32 ``[B, H, T, S]``; each row sums to 1.
+    """
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = jnp.where(mask, scores, _MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _check_shapes(q, k, v, mask):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects q [B, T, H, D] and k, v [B, S, H, D]; got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"incompatible q {q.shape}, k {k.shape}, v {v.shape}")
+    if mask is not None:
+        B, T, H, _ = q.shape
+        S = k.shape[1]
+        try:
+            jnp.broadcast_shapes(mask.shape, (B, H, T, S))
+        except ValueError:
+            raise ValueError(f"mask of shape {mask.shape} does not broadcast to [B, H, T, S] = {(B, H, T, S)}") from None
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    impl: AttentionImpl = "reference",
+) -> jax.Array:
+    """Scaled dot-product attention, ``softmax(Q K^T / sqrt(D)) V`` (Chapter 5; mask from Chapter 12).
+
+    Args:
+      q: ``[B, T, H, D]`` queries.
+      k, v: ``[B, S, H, D]`` keys and values (``S`` may differ from ``T``: cross-attention, KV cache).
+      mask: optional bool, broadcastable to ``[B, H, T, S]``; True = may attend.
+      impl: ``"reference"`` is the readable einsum version (softmax in float32);
+        ``"xla"`` and ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN needs a GPU and
+        bf16/fp16 inputs).
+    Returns:
+      ``[B, T, H, D]`` in the dtype of ``q``.
+    """
+    _check_shapes(q, k, v, mask)
+    if impl == "reference":
+        w = attention_weights(q, k, mask)
+        out = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.astype(q.dtype)
+    if impl in ("xla", "cudnn"):
+        if mask is not None:
+            B, T, H, _ = q.shape
+            mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla' or 'cudnn'")
