@@ -1,0 +1,181 @@
+"""Model configuration: one frozen dataclass and named presets (Chapters 9 and 14).
+
+The course's own model and GPT-2 are both presets of one configurable decoder; the fields say where
+they differ (``norm_position``, ``final_norm``, ``activation``, ``positions``, ``tie_embeddings``,
+biases). Use ``dataclasses.replace`` or ``GPTConfig.preset(name, **overrides)`` to vary one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax.numpy as jnp
+
+from tfd_jax.ops.feedforward import ACTIVATIONS
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Everything that defines a decoder-only transformer.
+
+    Sizes: ``vocab_size`` V, ``context_length`` (longest sequence), ``d_model`` M, ``num_heads`` H,
+    ``num_layers`` L, ``d_ff`` F (0 means 4M).
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    d_model: int = 768
+    num_heads: int = 12
+    num_layers: int = 12
+    d_ff: int = 0
+    dropout: float = 0.0
+    embed_dropout: float = 0.0
+    norm_position: str = "pre"  # "post": the course (LN after the residual add); "pre": GPT-2
+    final_norm: bool = True
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
+    activation: str = "gelu_tanh"
+    gated_ffn: bool = False  # SwiGLU-style gate (with activation="silu")
+    positions: str = "learned"  # "sinusoidal" (the course), "learned" (GPT-2), "rope", "none"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    qkv_bias: bool = True
+    out_bias: bool = True
+    ffn_bias: bool = True
+    lm_head_bias: bool = False
+    init: str = "gpt2"  # "gpt2": N(0, 0.02) with residual projections scaled by 1/sqrt(2L); "xavier": the course
+    attention_impl: str = "reference"  # "reference" | "xla" | "cudnn"
+    dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        checks = [
+            (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
+            (self.context_length > 0, f"context_length must be positive, got {self.context_length}"),
+            (self.d_model > 0 and self.num_heads > 0 and self.num_layers > 0, "d_model, num_heads and num_layers must be positive"),
+            (
+                self.d_model % self.num_heads == 0,
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                f"pick a head count that divides it (e.g. {_divisors_hint(self.d_model)})",
+            ),
+            (self.norm_position in ("pre", "post"), f"norm_position must be 'pre' or 'post', got {self.norm_position!r}"),
+            (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"),
+            (
+                self.positions in ("sinusoidal", "learned", "rope", "none"),
+                f"positions must be 'sinusoidal', 'learned', 'rope' or 'none', got {self.positions!r}",
+            ),
+            (self.positions != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head dim, got {self.head_dim}"),
+            (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0, "dropout rates must be in [0, 1)"),
+            (self.init in ("gpt2", "xavier"), f"init must be 'gpt2' or 'xavier', got {self.init!r}"),
+            (
+                self.attention_impl in ("reference", "xla", "cudnn"),
+                f"attention_impl must be 'reference', 'xla' or 'cudnn', got {self.attention_impl!r}",
+            ),
+            (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"invalid GPTConfig: {msg}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> "GPTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """A named configuration with optional field overrides (see ``PRESETS``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameter count from the formula (equals the model's actual count; tested)."""
+        M, F, V, L = self.d_model, self.d_ff, self.vocab_size, self.num_layers
+        norm = M * (2 if (self.norm == "layernorm" and self.norm_bias) else 1)
+        attn = 4 * M * M + (3 * M if self.qkv_bias else 0) + (M if self.out_bias else 0)
+        if self.gated_ffn:
+            ffn = 3 * M * F
+        else:
+            ffn = 2 * M * F + ((F + M) if self.ffn_bias else 0)
+        total = L * (attn + ffn + 2 * norm) + (norm if self.final_norm else 0)
+        if include_embeddings:
+            total += V * M
+            if self.positions == "learned":
+                total += self.context_length * M
+            if not self.tie_embeddings:
+                total += M * V + (V if self.lm_head_bias else 0)
+        return total
+
+
+def _divisors_hint(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)
+
+
+_GPT2 = dict(
+    vocab_size=50257,
+    context_length=1024,
+    norm_position="pre",
+    final_norm=True,
+    activation="gelu_tanh",
+    positions="learned",
+    tie_embeddings=True,
+    qkv_bias=True,
+    out_bias=True,
+    ffn_bias=True,
+    init="gpt2",
+)
+
+_COURSE = dict(
+    norm_position="post",
+    final_norm=False,
+    activation="relu",
+    positions="sinusoidal",
+    tie_embeddings=False,
+    qkv_bias=False,
+    out_bias=False,
+    ffn_bias=True,
+    init="xavier",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The course's toy model (Chapters 3-9): 6 wide, 2 heads of 3, FFN 24, 3 post-LN layers.
+    "course": dict(_COURSE, vocab_size=50000, context_length=512, d_model=6, num_heads=2, d_ff=24, num_layers=3, dropout=0.1),
+    "gpt2": dict(_GPT2, d_model=768, num_heads=12, num_layers=12),
+    "gpt2-medium": dict(_GPT2, d_model=1024, num_heads=16, num_layers=24),
+    "gpt2-large": dict(_GPT2, d_model=1280, num_heads=20, num_layers=36),
+    "gpt2-xl": dict(_GPT2, d_model=1600, num_heads=25, num_layers=48),
+    # Small GPT-2-style models that train on a laptop CPU.
+    "tiny": dict(_GPT2, vocab_size=512, context_length=128, d_model=64, num_heads=4, num_layers=2),
+    "small": dict(_GPT2, vocab_size=4096, context_length=256, d_model=128, num_heads=4, num_layers=4),
+    "mini": dict(_GPT2, vocab_size=8192, context_length=256, d_model=384, num_heads=6, num_layers=6),
+}

@@ -1,0 +1,134 @@
+"""The decoder-only transformer (GPT), top to bottom (Chapters 3-10 and 12).
+
+tokens -> embeddings (+ positions) -> L blocks with causal self-attention -> [final norm] -> logits.
+
+Shape letters: B batch, T sequence length, M model width, V vocabulary.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfd_jax import ops
+from tfd_jax.models.config import GPTConfig
+from tfd_jax.nn import Block, Dropout, Embed, Linear, make_norm, normal_init, xavier_init
+
+
+class GPT(nnx.Module):
+    """A configurable GPT. ``GPT(GPTConfig.preset("course"), rngs=nnx.Rngs(0))`` is the course's model;
+    ``GPTConfig.preset("gpt2")`` gives GPT-2 small.
+
+    Call it on int tokens ``[B, T]`` to get float32 logits ``[B, T, V]``. ``model.eval()`` turns
+    dropout off and ``model.train()`` back on. Build with ``rngs=nnx.Rngs(params=0, dropout=1)``
+    (or just ``nnx.Rngs(0)``) when training with dropout.
+    """
+
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        self.config = cfg
+        embed_init = xavier_init() if cfg.init == "xavier" else normal_init(0.02)
+        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        self.tok_embed = Embed(cfg.vocab_size, cfg.d_model, init=embed_init, rngs=rngs, **dt)
+        if cfg.positions == "learned":
+            self.pos_embed = Embed(cfg.context_length, cfg.d_model, init=normal_init(0.01), rngs=rngs, **dt)
+        else:
+            self.pos_embed = None
+        self.embed_drop = Dropout(cfg.embed_dropout, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = (
+            make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype) if cfg.final_norm else None
+        )
+        if cfg.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                cfg.d_model, cfg.vocab_size, use_bias=cfg.lm_head_bias, kernel_init=embed_init, rngs=rngs, **dt
+            )
+
+    # -- the pieces, in the order the course introduces them ------------------------------------
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        """Token embeddings plus position information: ``[B, T]`` -> ``[B, T, M]`` (Chapters 3-4).
+
+        Sinusoidal positions are added without scaling the embeddings by sqrt(M), as in the course.
+        """
+        x = self.tok_embed(tokens)
+        if self.config.positions == "learned":
+            x = x + self.pos_embed(positions)
+        elif self.config.positions == "sinusoidal":
+            table = ops.sinusoidal_positions(self.config.context_length, self.config.d_model)
+            x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
+        return self.embed_drop(x)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Output head in float32: ``[B, T, M]`` -> ``[B, T, V]`` (Chapter 10)."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.lm_head is None:
+            return self.tok_embed.attend(h)
+        out = jnp.einsum(
+            "btm,mv->btv",
+            h.astype(self.config.compute_dtype),
+            self.lm_head.kernel[...].astype(self.config.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+        if self.lm_head.bias is not None:
+            out = out + self.lm_head.bias[...].astype(jnp.float32)
+        return out
+
+    def check_input(self, tokens: jax.Array) -> None:
+        """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+        T = tokens.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context length {self.config.context_length}; "
+                "truncate the input or use a config with a longer context_length"
+            )
+        if T == 0:
+            raise ValueError("tokens is empty (sequence length 0)")
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits for every position.
+
+        Args:
+          tokens: int ``[B, T]``, ``T <= context_length``.
+          positions: int ``[B, T]``; defaults to ``0..T-1`` (packed rows restart them per document).
+          segment_ids: int ``[B, T]``; tokens attend only within their own segment (packing).
+          padding_mask: bool ``[B, T]``; False marks padding keys nobody should attend to.
+        Returns:
+          float32 ``[B, T, V]``.
+        """
+        self.check_input(tokens)
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = ops.causal_mask(T)
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        if padding_mask is not None:
+            mask = mask & ops.padding_mask(padding_mask)
+        x = self.embed(tokens, positions)
+        for block in self.blocks:
+            if self.config.remat:
+                x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions))(block, x)
+            else:
+                x = block(x, mask=mask, positions=positions)
+        return self.logits(x)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (``nnx.Param`` leaves)."""
+    state = nnx.state(model, nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,0 +1,144 @@
+"""Flax NNX layers: each owns its parameters and calls one pure function from ``tfd_jax.ops``.
+
+Parameters are stored in ``param_dtype`` (float32) and cast to the compute ``dtype`` (float32 or
+bfloat16) when used; norms, softmax and logits stay in float32 whatever the compute dtype.
+
+Shape letters: B batch, T query length, S key length, H heads, D head dim, M model width,
+F hidden width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfd_jax import ops
+
+Initializer = Callable[..., jax.Array]
+
+
+def normal_init(std: float) -> Initializer:
+    """N(0, std^2) initialiser (GPT-2 uses std 0.02)."""
+    return nnx.initializers.normal(stddev=std)
+
+
+def xavier_init() -> Initializer:
+    """Xavier/Glorot normal, std = sqrt(2 / (fan_in + fan_out)) (Chapter 15, "Weight init")."""
+    return nnx.initializers.glorot_normal()
+
+
+def init_pair(scheme: str, num_layers: int) -> tuple[Initializer, Initializer]:
+    """(kernel init, residual-output init) for ``"gpt2"`` or ``"xavier"`` (the course)."""
+    if scheme == "xavier":
+        return xavier_init(), xavier_init()
+    if scheme == "gpt2":
+        # Residual projections start smaller so the residual stream's variance does not grow with depth.
+        return normal_init(0.02), normal_init(0.02 / math.sqrt(2 * num_layers))
+    raise ValueError(f"unknown init scheme {scheme!r}; choose 'gpt2' or 'xavier'")
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel: [d_in, d_out]`` (the course's row-vector convention)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        use_bias: bool = True,
+        kernel_init: Initializer | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kernel_init = kernel_init or normal_init(0.02)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: ``[..., d_in]`` -> ``[..., d_out]`` in the compute dtype."""
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or position) embedding table ``[V, M]``; row ``i`` is token ``i``'s vector (Chapter 3)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        init: Initializer | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        init = init or normal_init(0.02)
+        self.embedding = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids: int ``[...]`` -> ``[..., M]`` (the course's lookup ``E[id, :]``)."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head, ``x @ E^T`` in float32: ``[..., M]`` -> ``[..., V]`` (Chapter 10)."""
+        return jnp.einsum(
+            "...m,vm->...v",
+            x.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with learned ``scale`` (starts at 1) and ``bias`` (starts at 0) (Chapter 8)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, use_bias: bool = True, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return ops.layer_norm(x, self.scale[...], bias, self.eps)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``scale`` (starts at 1)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return ops.rms_norm(x, self.scale[...], self.eps)
+
+
+class Dropout(nnx.Module):
+    """Inverted dropout (Chapter 6) that draws keys from an NNX ``Rngs`` stream.
+
+    ``model.eval()`` sets ``deterministic = True`` on every ``Dropout`` in the model; ``model.train()``
+    sets it back. A rate of 0 needs no randomness at all.
+    """
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs | None = None):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork() if (rngs is not None and rate > 0) else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        if self.rngs is None:
+            raise ValueError("this model was built without a 'dropout' rng stream; call model.eval() or pass rngs")
+        return ops.dropout(x, self.rate, self.rngs())
