@@ -1,0 +1,106 @@
+"""``tfd-jax train``: flags mapped onto :class:`tfd_jax.train.TrainConfig`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from tfd_jax.cli import UserError
+
+
+def register(subparsers) -> None:
+    from tfd_jax.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a GPT (default: a small model on the Python standard library, a few minutes on a CPU)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=d.preset, help="model preset (course, tiny, small, mini, gpt2, ...)")
+    p.add_argument("--data", default=d.data, help="pystdlib, tinyshakespeare, or a text file / directory / glob")
+    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="use at most this much training text (0 = all)")
+    p.add_argument("--tokenizer", default=d.tokenizer, choices=["spm", "bpe", "char"])
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary (spm, bpe)")
+    p.add_argument("--out", default=d.out, help="run directory (config, tokenizer, checkpoints, metrics)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (sequences per step)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.optim.lr, help="peak learning rate")
+    p.add_argument("--min-lr", type=float, default=d.optim.min_lr, help="end of the cosine decay")
+    p.add_argument("--warmup", type=int, default=d.optim.warmup_steps, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=d.optim.weight_decay)
+    p.add_argument("--beta2", type=float, default=d.optim.b2)
+    p.add_argument("--optimizer", default=d.optim.name, choices=["adamw", "adam"])
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU/TPU, fp32 on CPU")
+    p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (Chapter 15)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--force", action="store_true", help="delete whatever run is in --out and start over")
+    p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug-nan-at", type=int, action="append", default=[], metavar="STEP", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def config_from_args(args) -> "TrainConfig":  # noqa: F821
+    from tfd_jax.train.loop import TrainConfig
+
+    d = TrainConfig()
+    overrides = {}
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    if args.remat:
+        overrides["remat"] = True
+    optim = dataclasses.replace(
+        d.optim,
+        name=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        b2=args.beta2,
+    )
+    return TrainConfig(
+        out=args.out,
+        data=args.data,
+        max_bytes=args.max_bytes or None,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        preset=args.preset,
+        model_overrides=overrides,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        grad_accum=args.grad_accum,
+        optim=optim,
+        precision=args.precision,
+        mesh=args.mesh,
+        seed=args.seed,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        ckpt_every=args.ckpt_every,
+        resume=args.resume,
+        force=args.force,
+        samples=args.samples,
+        progress=not args.no_progress,
+        debug_nan_steps=tuple(args.debug_nan_at),
+    )
+
+
+def run(args) -> int:
+    from tfd_jax.train.loop import TrainingError, summary_json, train
+
+    try:
+        summary = train(config_from_args(args))
+    except TrainingError as e:
+        raise UserError(str(e)) from None
+    print(summary_json(summary))
+    return 0

@@ -1,0 +1,138 @@
+"""Training metrics: JSONL log, optional TensorBoard, the loss plot, and model FLOPs utilisation.
+
+MFU (model FLOPs utilisation) is the fraction of the hardware's peak that the model's own
+arithmetic uses. We count, per trained token, ``6 N + 6 L M T`` FLOPs: ``6 N`` for the forward and
+backward matmuls over the ``N`` non-embedding parameters (2 for forward, 4 for backward) and
+``6 L M T`` for attention's score and weighted-sum matmuls over a context of ``T`` (the PaLM
+appendix formula with the causal half not discounted, as nanoGPT reports it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+
+# Peak dense bf16 FLOP/s per device (vendor datasheets, without sparsity). Matched by substring of
+# jax's device_kind, longest key first.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "V100": 125e12,  # fp16 tensor cores
+    "T4": 65e12,  # fp16 tensor cores
+    "TPU v2": 45e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops_per_device(device=None) -> float | None:
+    """Peak bf16 FLOP/s of a device from the table, or None if unknown (e.g. CPUs)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in kind.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def flops_per_token(num_params_non_embedding: int, num_layers: int, d_model: int, seq_len: int) -> float:
+    """``6 N + 6 L M T`` training FLOPs per token (see the module docstring)."""
+    return 6.0 * num_params_non_embedding + 6.0 * num_layers * d_model * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: float | None) -> float | None:
+    """Achieved FLOP/s over the devices' combined peak; None when the peak is unknown."""
+    if not peak:
+        return None
+    return tokens_per_s * flops_per_tok / (num_devices * peak)
+
+
+class MetricsLog:
+    """Append one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard if installed).
+
+    Only process 0 writes. Resuming a run truncates records at or after the resume step, so a resumed
+    run's file reads as if it had never stopped.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter  # optional
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(run_dir: str | os.PathLike) -> Path | None:
+    """Draw ``loss.png`` (train and validation loss against step); None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

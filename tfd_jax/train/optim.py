@@ -1,0 +1,102 @@
+"""Optimizers and learning-rate schedules (Chapters 11, 14 and 15).
+
+``make_optimizer`` returns an optax chain of global-norm clipping and AdamW (or the course's plain
+Adam) whose moments are kept in float32 whatever the parameter dtype, with weight decay applied only
+to matrices (not to biases, norm scales or embedding tables).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings. The defaults are GPT-style AdamW; ``OptimConfig.course()`` is Chapter 11's Adam."""
+
+    name: str = "adamw"  # "adamw" (decoupled weight decay) or "adam" (the course)
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # floor of the cosine decay
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # where the cosine reaches min_lr; None = the run's total steps
+    schedule: str = "cosine"  # "cosine" (warmup then cosine to min_lr) or "constant" (warmup then flat)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+
+    @classmethod
+    def course(cls) -> "OptimConfig":
+        """Chapter 11: Adam, lr 1e-4, beta1 0.9, beta2 0.999, eps 1e-8, no schedule, no decay."""
+        return cls(name="adam", lr=1e-4, min_lr=1e-4, warmup_steps=0, schedule="constant", b2=0.999, weight_decay=0.0)
+
+    @classmethod
+    def course_schedule(cls) -> "OptimConfig":
+        """Chapter 14's schedule: 4,000 warmup steps to 6e-4, cosine down to 6e-5 at step 100,000."""
+        return cls(lr=6e-4, min_lr=6e-5, warmup_steps=4000, decay_steps=100_000)
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine down to ``min_lr``.
+
+    The course's Chapter 14 prints ``lr_max * 0.5 * (1 + cos(pi t / T))``, without the warmup offset
+    or the floor; here the cosine runs over ``(t - warmup) / (decay_steps - warmup)`` and ends at
+    ``min_lr`` (so step 4,000 is the 6e-4 peak and step 100,000 is 6e-5), and it stays at
+    ``min_lr`` afterwards.
+    """
+    if cfg.lr <= 0:
+        raise ValueError(f"learning rate must be positive, got {cfg.lr}")
+    if cfg.schedule == "constant":
+        if cfg.warmup_steps <= 0:
+            return optax.constant_schedule(cfg.lr)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)], [cfg.warmup_steps]
+        )
+    if cfg.schedule != "cosine":
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose 'cosine' or 'constant'")
+    decay = cfg.decay_steps or total_steps
+    decay = max(decay, cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps, decay_steps=decay, end_value=cfg.min_lr
+    )
+
+
+# Parameters that are not decayed: biases, norm scales/biases, embedding tables.
+_NO_DECAY = re.compile(r"(bias|scale|embedding)$")
+
+
+def decay_mask(params) -> object:
+    """A pytree of bools, True where weight decay applies (matrices of Linear layers)."""
+
+    def decide(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = re.sub(r"/value$", "", name)
+        return not _NO_DECAY.search(name)
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain and its schedule. Moments are float32 (``mu_dtype``)."""
+    sched = lr_schedule(cfg, total_steps)
+    parts = []
+    if cfg.clip_norm is not None:
+        if cfg.clip_norm <= 0:
+            raise ValueError(f"clip_norm must be positive or None, got {cfg.clip_norm}")
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    if cfg.name == "adamw":
+        parts.append(
+            optax.adamw(
+                sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.float32
+            )
+        )
+    elif cfg.name == "adam":
+        parts.append(optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=jnp.float32))
+    else:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose 'adamw' or 'adam'")
+    return optax.chain(*parts), sched
