@@ -32,6 +32,13 @@ def register(subparsers) -> None:
     p.add_argument("--beta2", type=float, default=d.optim.b2)
     p.add_argument("--optimizer", default=d.optim.name, choices=["adamw", "adam"])
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any model config field, e.g. --model d_model=256 --model num_layers=6 (repeatable)",
+    )
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU/TPU, fp32 on CPU")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
@@ -53,7 +60,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
     from tfd_jax.train.loop import TrainConfig
 
     d = TrainConfig()
-    overrides = {}
+    overrides = parse_model_overrides(args.model)
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     if args.remat:
@@ -93,6 +100,34 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         progress=not args.no_progress,
         debug_nan_steps=tuple(args.debug_nan_at),
     )
+
+
+def parse_model_overrides(items: list[str]) -> dict:
+    """``["d_model=256", "tie_embeddings=false"]`` -> typed overrides of ``GPTConfig`` fields."""
+    from tfd_jax.models import GPTConfig
+
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise UserError(f"--model {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        default = fields[name].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[name] = value.lower() in ("true", "1")
+            elif isinstance(default, int):
+                out[name] = int(value)
+            elif isinstance(default, float):
+                out[name] = float(value)
+            else:
+                out[name] = value
+        except ValueError:
+            raise UserError(f"--model {item!r}: {value!r} is not a valid {type(default).__name__}") from None
+    return out
 
 
 def run(args) -> int:
