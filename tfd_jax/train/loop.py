@@ -86,24 +86,28 @@ class TrainConfig:
 
 
 def _check_run_dir(cfg: TrainConfig) -> Path:
+    """Refuse to touch an existing run unless asked. Every process checks (read-only) before process 0
+    changes anything, so on a shared filesystem they all reach the same verdict."""
     out = Path(cfg.out)
     has_run = (out / ckpt.CONFIG_FILE).exists() or (out / ckpt.CHECKPOINT_DIR).exists()
     if cfg.resume and cfg.force:
         raise TrainingError("use either --resume (continue the run) or --force (start over), not both")
-    if cfg.resume:
-        if not has_run:
-            raise TrainingError(f"--resume: {out} holds no run to continue")
-    elif has_run:
-        if not cfg.force:
+    if cfg.resume and not has_run:
+        raise TrainingError(f"--resume: {out} holds no run to continue")
+    if not cfg.resume and not cfg.force:
+        if has_run:
             raise TrainingError(
                 f"{out} already holds a run; pass --resume to continue it, --force to delete it and start "
                 "over, or choose another --out"
             )
-        if jax.process_index() == 0:
-            shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and not cfg.force:
-        raise TrainingError(f"{out} exists and is not empty; choose another --out or pass --force")
-    out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise TrainingError(f"{out} exists and is not an empty directory; choose another --out or pass --force")
+    _sync("run_dir_checked")
+    if jax.process_index() == 0:
+        if cfg.force and out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    _sync("run_dir_ready")
     return out
 
 
@@ -353,12 +357,19 @@ def train(cfg: TrainConfig) -> dict:
             "num_params": n_params,
         }
     )
+    want_samples = cfg.samples and not summary.get("stopped_by_signal")
+    if want_samples and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        host_params = multihost_utils.process_allgather(state["params"], tiled=True)  # a collective: all processes
+    elif want_samples:
+        host_params = jax.device_get(state["params"])
     if is_main:
         png = mx.plot_loss(out)
         if png:
             log(f"loss curve: {png}")
-        if cfg.samples and not summary.get("stopped_by_signal"):
-            model = nnx.merge(graphdef, jax.device_get(state["params"]), rest)
+        if want_samples:
+            model = nnx.merge(graphdef, host_params, rest)
             model.eval()
             summary["samples"] = print_samples(model, tokenizer, cfg, log)
     return summary

@@ -113,7 +113,7 @@ def make_train_step(
         grads = jax.tree.map(lambda x: x / (scale * count), g)
         loss = s * poison / count
         finite = all_finite(grads) & jnp.isfinite(loss)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -132,12 +132,12 @@ def make_train_step(
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
             "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
         }
-        param_norm = optax.global_norm(params)
+        param_norm = optax.tree.norm(params)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
-            "update_ratio": optax.global_norm(updates) / jnp.maximum(param_norm, 1e-12),
+            "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-12),
             "finite": finite,
             "tokens": c,
         }

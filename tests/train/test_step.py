@@ -1,0 +1,162 @@
+"""The training step against independent references: the full batch, a single device, one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.train import sharding as shd
+from tfd_jax.train.metrics import read_metrics
+from tfd_jax.train.optim import OptimConfig, make_optimizer
+from tfd_jax.train.step import init_state, make_train_step, split_model
+
+CFG = GPTConfig.preset("tiny", vocab_size=61, d_model=32, num_heads=4, num_layers=2, context_length=16)
+
+
+def make_batch(B, T=16, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, size=(B, T + 1)).astype(np.int32)
+    mask = np.ones((B, T), bool)
+    mask[0, :5] = False  # uneven token counts across rows and micro-batches
+    mask[3, -2:] = False
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
+
+
+def setup(cfg=CFG, grad_accum=1, sgd=False):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = split_model(model)
+    if sgd:  # the update is then lr * gradient, so comparing parameters compares gradients
+        opt, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
+    else:
+        opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+    step = make_train_step(graphdef, rest, opt, sched, grad_accum=grad_accum)
+    return step, init_state(params, opt, 0, "fp32")
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_gradient_accumulation_equals_full_batch():
+    batch = make_batch(32)
+    full_step, state = setup(grad_accum=1, sgd=True)
+    acc_step, state2 = setup(grad_accum=4, sgd=True)
+    s1, m1 = jax.jit(full_step)(state, batch)
+    s2, m2 = jax.jit(acc_step)(state2, batch)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-5)
+    assert max_diff(s1["params"], s2["params"]) < 1e-6
+    # and the update really moved the parameters
+    assert max_diff(s1["params"], state["params"]) > 1e-3
+
+
+def test_loss_matches_a_numpy_cross_entropy():
+    batch = make_batch(4)
+    step, state = setup()
+    _, m = jax.jit(step)(state, batch)
+    model = nnx.merge(*split_model(GPT(CFG, rngs=nnx.Rngs(0))))
+    logits = np.asarray(model(jnp.asarray(batch["tokens"])), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    assert float(m["loss"]) == pytest.approx(float((nll * batch["mask"]).sum() / batch["mask"].sum()), rel=1e-5)
+
+
+def test_sharded_step_equals_single_device_and_params_follow_the_rules():
+    assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
+    batch = make_batch(8)
+    step, state = setup(sgd=True)
+    results = {}
+    for name, mesh in {
+        "one": shd.make_mesh(None, devices=jax.devices()[:1]),
+        "eight": shd.make_mesh("data=2,fsdp=2,tensor=2"),
+    }.items():
+        p_sh = shd.param_shardings(state["params"], mesh)
+        rep = shd.replicated(mesh)
+        st_sh = {k: (p_sh if k == "params" else rep) for k in state}
+        st_sh["opt_state"] = jax.tree.map(lambda _: rep, state["opt_state"])
+        placed = jax.device_put(state, st_sh)
+        fn = jax.jit(step, in_shardings=(st_sh, shd.batch_sharding(mesh)), out_shardings=(st_sh, rep))
+        new, m = fn(placed, shd.global_batch(batch, mesh))
+        results[name] = (new, m)
+        if name == "eight":
+            q = new["params"]["blocks"][0]["attn"]["q"]["kernel"][...]
+            assert q.sharding.spec == P("fsdp", "tensor")
+            assert q.addressable_shards[0].data.shape == (CFG.d_model // 2, CFG.d_model // 2)
+            o = new["params"]["blocks"][0]["attn"]["o"]["kernel"][...]
+            assert o.sharding.spec == P("tensor", "fsdp")
+            w_out = new["params"]["blocks"][1]["ffn"]["w_out"]["kernel"][...]
+            assert w_out.addressable_shards[0].data.shape == (CFG.d_ff // 2, CFG.d_model // 2)
+            emb = new["params"]["tok_embed"]["embedding"][...]
+            assert emb.sharding.spec == P(None, "fsdp")  # 61 rows do not split over tensor=2
+            ln = new["params"]["blocks"][0]["ln1"]["scale"][...]
+            assert ln.sharding.spec == P()
+    (a, ma), (b, mb) = results["one"], results["eight"]
+    assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
+    assert max_diff(jax.device_get(a["params"]), jax.device_get(b["params"])) < 1e-5
+
+
+def test_mesh_spec_errors():
+    with pytest.raises(ValueError, match="uses 4 devices but there are 8"):
+        shd.parse_mesh_spec("data=2,tensor=2", 8)
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        shd.parse_mesh_spec("model=8", 8)
+    assert shd.parse_mesh_spec("data=-1,tensor=2", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert shd.parse_mesh_spec(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("mp") / "text.txt"
+    path.write_text(" ".join(rng.choice(["spam", "eggs", "ham", "(", ")", "\n"], size=4000)))
+    return str(path)
+
+
+def test_two_processes_match_one(small_text, tmp_path):
+    """Two CPU processes joined by jax.distributed (one device each) train exactly like one process
+    with two devices."""
+    common = [
+        "-m", "tfd_jax.cli", "train", "--data", small_text, "--tokenizer", "char", "--preset", "tiny",
+        "--model", "d_model=32", "--model", "num_heads=2", "--model", "num_layers=1", "--batch-size", "4",
+        "--seq-len", "16", "--steps", "6", "--max-bytes", "0", "--log-every", "1", "--eval-every", "6",
+        "--eval-batches", "1", "--ckpt-every", "6", "--samples", "0", "--no-progress",
+    ]
+    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    base_env["JAX_PLATFORMS"] = "cpu"
+    one = subprocess.run(
+        [sys.executable, *common, "--out", str(tmp_path / "one")],
+        env=dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert one.returncode == 0, one.stdout + one.stderr
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *common, "--out", str(tmp_path / "two")],
+            env=dict(base_env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    a = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    b = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert len(a) == len(b) == 6
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["model"]["num_layers"] == 1
