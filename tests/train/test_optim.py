@@ -1,0 +1,95 @@
+"""Optimizer, schedule and precision pieces against the course's numbers and hand formulas."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.train.metrics import flops_per_token, mfu, peak_flops_per_device
+from tfd_jax.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
+from tfd_jax.train.precision import all_finite, compute_dtype, update_loss_scale
+from tfd_jax.train.step import split_model
+
+
+def test_course_schedule_shape():
+    """Chapter 14: warmup to 6e-4 at step 4,000, cosine to the 6e-5 floor at 100,000."""
+    s = lr_schedule(OptimConfig.course_schedule(), total_steps=100_000)
+    assert float(s(0)) == 0.0
+    assert float(s(1000)) == pytest.approx(1.5e-4, rel=1e-5)
+    assert float(s(2000)) == pytest.approx(3e-4, rel=1e-5)
+    assert float(s(4000)) == pytest.approx(6e-4, rel=1e-5)
+    for t in (20_000, 50_000, 90_000):
+        progress = (t - 4000) / 96_000
+        expect = 6e-5 + (6e-4 - 6e-5) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert float(s(t)) == pytest.approx(expect, rel=1e-4)
+    assert float(s(100_000)) == pytest.approx(6e-5, rel=1e-5)
+    assert float(s(150_000)) == pytest.approx(6e-5, rel=1e-5)
+
+
+def test_course_adam_step_matches_chapter_11():
+    """W = 0.5, gradient -0.702, lr 1e-4: one Adam step gives 0.5001 (m = -0.0702, v = 0.000493)."""
+    opt, _ = make_optimizer(OptimConfig.course(), 10)
+    params = {"w": jnp.array([0.5])}
+    state = opt.init(params)
+    updates, state = opt.update({"w": jnp.array([-0.702])}, state, params)
+    new = optax.apply_updates(params, updates)
+    assert float(new["w"][0]) == pytest.approx(0.5 + 1e-4 * 0.702 / (0.702 + 1e-8), rel=1e-7)
+    adam_state = state[-1][0]
+    assert float(adam_state.mu["w"][0]) == pytest.approx(-0.0702, rel=1e-6)
+    assert float(adam_state.nu["w"][0]) == pytest.approx(0.001 * 0.702**2, rel=1e-5)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig.preset("tiny", vocab_size=11, num_layers=1), rngs=nnx.Rngs(0))
+    _, params, _ = split_model(model)
+    mask = decay_mask(params)
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    decayed = sorted(k for k, v in flat.items() if v)
+    assert decayed and all("kernel" in k for k in decayed)
+    assert any("'q']['kernel']" in k for k in decayed)
+    assert not any(v for k, v in flat.items() if "bias" in k or "scale" in k or "embedding" in k)
+
+
+def test_clipping_bounds_the_update_norm():
+    """With clipping at 1.0, a gradient of norm 50 reaches Adam's moments as norm 1 (Chapter 14)."""
+    opt, _ = make_optimizer(OptimConfig(name="adam", lr=1.0, warmup_steps=0, schedule="constant", clip_norm=1.0), 10)
+    p = {"w": jnp.zeros(4)}
+    g = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}  # norm 50
+    _, state = opt.update(g, opt.init(p), p)
+    mu = np.asarray(state[-1][0].mu["w"])  # first moment = (1 - beta1) * clipped gradient
+    np.testing.assert_allclose(mu / 0.1, [0.6, 0.8, 0, 0], rtol=1e-5)
+
+
+def test_bad_optimizer_settings():
+    with pytest.raises(ValueError, match="learning rate must be positive"):
+        make_optimizer(OptimConfig(lr=0.0), 10)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        make_optimizer(OptimConfig(name="sgdx"), 10)
+    with pytest.raises(ValueError, match="unknown precision"):
+        compute_dtype("fp8")
+
+
+def test_dynamic_loss_scale():
+    scale, good = jnp.float32(1024.0), jnp.int32(0)
+    s, g = update_loss_scale(scale, good, jnp.bool_(False))
+    assert float(s) == 512.0 and int(g) == 0
+    s, g = update_loss_scale(scale, jnp.int32(3), jnp.bool_(True), growth_interval=4)
+    assert float(s) == 2048.0 and int(g) == 0
+    s, g = update_loss_scale(scale, jnp.int32(1), jnp.bool_(True), growth_interval=4)
+    assert float(s) == 1024.0 and int(g) == 2
+    assert bool(all_finite({"a": jnp.ones(3)})) and not bool(all_finite({"a": jnp.array([1.0, jnp.inf])}))
+
+
+def test_mfu_formula():
+    # GPT-2 small at T=1024: 6N + 6 L M T with N = 85M non-embedding parameters.
+    cfg = GPTConfig.preset("gpt2")
+    n = cfg.num_params(include_embeddings=False)
+    fpt = flops_per_token(n, 12, 768, 1024)
+    assert fpt == 6 * n + 6 * 12 * 768 * 1024
+    assert mfu(1000.0, fpt, 1, 1e12) == pytest.approx(1000.0 * fpt / 1e12)
+    assert mfu(1000.0, fpt, 1, None) is None
+    assert peak_flops_per_device() is None  # CPUs are not in the table
