@@ -76,8 +76,8 @@ class GPTConfig:
             (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0, "dropout rates must be in [0, 1)"),
             (self.init in ("gpt2", "xavier"), f"init must be 'gpt2' or 'xavier', got {self.init!r}"),
             (
-                self.attention_impl in ("reference", "xla", "cudnn"),
-                f"attention_impl must be 'reference', 'xla' or 'cudnn', got {self.attention_impl!r}",
+                self.attention_impl in ("reference", "xla", "cudnn", "auto"),
+                f"attention_impl must be 'reference', 'xla', 'cudnn' or 'auto', got {self.attention_impl!r}",
             ),
             (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
         ]

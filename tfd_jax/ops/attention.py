@@ -9,12 +9,13 @@ combination all work. Combining two masks is a logical AND (:func:`combine_masks
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["reference", "xla", "cudnn"]
+AttentionImpl = Literal["reference", "xla", "cudnn", "auto"]
 
 # A large negative number rather than -inf: a fully masked row then gives a uniform softmax instead
 # of NaN, and bf16 can still represent it.
@@ -142,8 +143,10 @@ def attention(
       k, v: ``[B, S, H, D]`` keys and values (``S`` may differ from ``T``: cross-attention, KV cache).
       mask: optional bool, broadcastable to ``[B, H, T, S]``; True = may attend.
       impl: ``"reference"`` is the readable einsum version (softmax in float32);
-        ``"xla"`` and ``"cudnn"`` call ``jax.nn.dot_product_attention`` (cuDNN needs a GPU and
-        bf16/fp16 inputs).
+        ``"xla"`` calls ``jax.nn.dot_product_attention``; ``"cudnn"`` asks it for cuDNN's fused
+        flash attention (NVIDIA GPUs, bf16/fp16) and falls back to ``"xla"`` with a warning where
+        cuDNN cannot run this call (no GPU, float32, an unsupported head size ...); ``"auto"``
+        picks cuDNN for bf16/fp16 on a GPU and XLA otherwise.
     Returns:
       ``[B, T, H, D]`` in the dtype of ``q``.
     """
@@ -152,9 +155,27 @@ def attention(
         w = attention_weights(q, k, mask)
         out = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return out.astype(q.dtype)
-    if impl in ("xla", "cudnn"):
-        if mask is not None:
-            B, T, H, _ = q.shape
-            mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla' or 'cudnn'")
+    if impl not in ("xla", "cudnn", "auto"):
+        raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla', 'cudnn' or 'auto'")
+    if mask is not None:
+        B, T, H, _ = q.shape
+        mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if impl == "auto":
+        impl = "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except Exception as e:  # cuDNN refuses at trace time: unsupported device, dtype or shape
+            _warn_fallback(e)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(err: Exception) -> None:
+    msg = f"cuDNN attention unavailable here ({type(err).__name__}: {str(err).splitlines()[0][:160]}); using XLA attention"
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)

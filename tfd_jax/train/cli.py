@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="delete whatever run is in --out and start over")
     p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of a few steps to DIR")
+    p.add_argument("--attention", default=None, choices=["reference", "xla", "cudnn", "auto"], help="attention implementation")
     p.add_argument("--debug-nan-at", type=int, action="append", default=[], metavar="STEP", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
@@ -65,6 +67,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         overrides["dropout"] = args.dropout
     if args.remat:
         overrides["remat"] = True
+    if args.attention:
+        overrides["attention_impl"] = args.attention
     optim = dataclasses.replace(
         d.optim,
         name=args.optimizer,
@@ -99,6 +103,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         samples=args.samples,
         progress=not args.no_progress,
         debug_nan_steps=tuple(args.debug_nan_at),
+        profile_dir=args.profile,
     )
 
 

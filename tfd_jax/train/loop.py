@@ -74,6 +74,8 @@ class TrainConfig:
     sample_tokens: int = 60
     sample_prompts: tuple[str, ...] | None = None
     progress: bool = True
+    profile_dir: str | None = None  # write a JAX profiler trace of a few steps here
+    profile_steps: int = 5
     debug_nan_steps: tuple[int, ...] = ()  # poison these steps' loss with NaN, to rehearse the failure path
 
     def to_dict(self) -> dict:
@@ -279,15 +281,24 @@ def train(cfg: TrainConfig) -> dict:
     step = start_step
     pending = []  # (step, device metrics) not yet pulled to the host
     t_start = time.perf_counter()
+    profiling = False
     val_loss = None
     try:
         while step < cfg.steps:
+            if cfg.profile_dir and step == start_step + 2:  # after compilation and one warm step
+                jax.profiler.start_trace(cfg.profile_dir)
+                profiling = True
             local = next(data_it)
             batch = shd.global_batch(local, mesh)
             poison = jnp.float32(np.nan if (step + 1) in cfg.debug_nan_steps else 1.0)
             state, m = step_fn(state, batch, poison)
             step += 1
             pending.append((step, m))
+            if profiling and (step >= start_step + 2 + cfg.profile_steps or step == cfg.steps):
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                profiling = False
+                log(f"profiler trace of {cfg.profile_steps} steps written to {cfg.profile_dir} (open it with TensorBoard or Perfetto)")
             if step == start_step + 1:
                 jax.block_until_ready(m)  # the first step includes compilation: time from here on
                 last_t, last_step = time.perf_counter(), step
@@ -340,6 +351,8 @@ def train(cfg: TrainConfig) -> dict:
                 break
         checkpointer.wait()
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         if bar is not None:
             bar.close()
         checkpointer.close()

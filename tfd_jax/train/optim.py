@@ -7,6 +7,7 @@ to matrices (not to biases, norm scales or embedding tables).
 from __future__ import annotations
 
 import re
+from functools import partial
 from dataclasses import dataclass
 
 import jax
@@ -28,6 +29,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    decay_embeddings: bool = False  # also decay embedding tables (nanoGPT decays every 2-D parameter)
     clip_norm: float | None = 1.0
 
     @classmethod
@@ -66,16 +68,20 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-# Parameters that are not decayed: biases, norm scales/biases, embedding tables.
-_NO_DECAY = re.compile(r"(bias|scale|embedding)$")
+# Parameters that are not decayed: biases, norm scales/biases and (by default) embedding tables.
+_NO_DECAY = re.compile(r"(bias|scale)$")
+_EMBEDDING = re.compile(r"embedding$")
 
 
-def decay_mask(params) -> object:
-    """A pytree of bools, True where weight decay applies (matrices of Linear layers)."""
+def decay_mask(params, *, embeddings: bool = False) -> object:
+    """A pytree of bools, True where weight decay applies: Linear kernels, and embedding tables too
+    when ``embeddings`` is True."""
 
     def decide(path, _):
         name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
         name = re.sub(r"/value$", "", name)
+        if _EMBEDDING.search(name):
+            return embeddings
         return not _NO_DECAY.search(name)
 
     return jax.tree_util.tree_map_with_path(decide, params)
@@ -92,7 +98,13 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     if cfg.name == "adamw":
         parts.append(
             optax.adamw(
-                sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=jnp.float32
+                sched,
+                b1=cfg.b1,
+                b2=cfg.b2,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                mask=partial(decay_mask, embeddings=cfg.decay_embeddings),
+                mu_dtype=jnp.float32,
             )
         )
     elif cfg.name == "adam":
