@@ -1,0 +1,131 @@
+"""The preallocated key/value cache for incremental decoding (Chapter 13, "KV cache").
+
+Chapter 13's observation: when the model produces token ``n + 1`` it would recompute the keys and
+values of tokens ``0..n`` that it already computed for token ``n``. The cache keeps them instead. Only
+K and V are kept, never Q: a past token's query is never needed again, while every new query must look
+at all past keys and values.
+
+Here the cache is allocated **once** for the whole generation, at its final size, and filled in place:
+for every layer a K and a V buffer of shape ``[B, S_max, H, D]`` in the model's compute dtype, plus
+``lengths [B]``, how many positions of each row are filled (which is also the position where the row's
+next token goes). Rows may have different lengths (ragged prompts); attention masks are built from
+``lengths``, so unfilled or stale slots are never attended to.
+
+``S_max`` is rounded up to a *bucket* (:func:`bucket_length`) so that generations with slightly
+different prompt or output lengths share one shape, and therefore one compiled program.
+
+Memory (Chapter 13): each token costs ``2 x L x H x D`` numbers (K and V, every layer, every head),
+so the cache holds ``B x S_max x 2 x L x H x D`` numbers; :func:`bytes_per_token` and
+:attr:`KVCache.nbytes` report it. For GPT-3 (L=96, H=96, D=128) that is 2,359,296 numbers, about
+9.4 MB per token in float32, as the course computes.
+
+Shape letters: B batch, S_max cache length, H heads, D head dim, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: the smallest bucket; shorter lengths round up to it
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, *, minimum: int = MIN_BUCKET, maximum: int | None = None) -> int:
+    """Round ``n`` up to the next power of two (at least ``minimum``), capped at ``maximum``.
+
+    Lengths that land in the same bucket give arrays of the same shape, so jitted functions that take
+    them compile once. Powers of two waste at most half the slots while keeping the number of distinct
+    programs logarithmic in the context length.
+    """
+    if n < 1:
+        raise ValueError(f"length must be >= 1, got {n}")
+    b = max(int(minimum), 1 << (int(n) - 1).bit_length())
+    if maximum is not None:
+        if n > maximum:
+            raise ValueError(f"length {n} exceeds the maximum {maximum}")
+        b = min(b, int(maximum))
+    return b
+
+
+def bytes_per_token(config, dtype=None) -> int:
+    """Cache bytes one token costs: ``2 x L x H x D`` numbers times the dtype's size (Chapter 13).
+
+    Args:
+      config: a ``GPTConfig`` (``num_layers``, ``num_heads``, ``head_dim``, ``compute_dtype``).
+      dtype: the cache dtype; defaults to the model's compute dtype.
+    """
+    dtype = jnp.dtype(dtype or config.compute_dtype)
+    return 2 * config.num_layers * config.num_heads * config.head_dim * dtype.itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer, plus how much of each row is filled.
+
+    Attributes:
+      k, v: tuples with one ``[B, S_max, H, D]`` array per layer.
+      lengths: int32 ``[B]``; row ``b`` holds valid K/V at positions ``0..lengths[b]-1`` and writes
+        its next token at ``lengths[b]``.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        """``S_max``: the number of positions each row can hold."""
+        return self.k[0].shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the K and V buffers (``B x S_max x 2 x L x H x D x itemsize``)."""
+        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*self.k, *self.v))
+
+
+def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """Allocate an empty cache: zeros ``[B, S_max, H, D]`` for each layer's K and V, lengths 0.
+
+    Args:
+      config: a ``GPTConfig``.
+      batch_size: ``B``.
+      max_length: ``S_max`` (taken as given; round it with :func:`bucket_length` first to share
+        compiled programs). Must not exceed ``config.context_length``: positions past it have no
+        position embedding.
+      dtype: defaults to the model's compute dtype.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= max_length <= config.context_length:
+        raise ValueError(f"cache length must be in [1, context_length={config.context_length}], got {max_length}")
+    dtype = dtype or config.compute_dtype
+    shape = (batch_size, max_length, config.num_heads, config.head_dim)
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write ``new [B, T, H, D]`` into ``buffer [B, S_max, H, D]`` at a per-row position ``start [B]``.
+
+    One ``dynamic_update_slice`` per row (vmapped), which XLA performs in place when the buffer is a
+    loop carry or donated. The caller keeps ``start + T <= S_max``: out-of-range starts are clamped by
+    ``dynamic_update_slice``, which would shift the write.
+    """
+
+    def one(buf, x, s):
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s, 0, 0))
+
+    return jax.vmap(one)(buffer, new, start.astype(jnp.int32))

@@ -1,0 +1,484 @@
+"""Autoregressive generation with a KV cache: a jitted prefill, then a jitted ``while_loop`` (Chapters 10, 13).
+
+Chapter 13's loop is: run the prompt through the model, take the logits of the last position, pick a
+token (Chapter 10: greedy, temperature, top-k, top-p), append it, repeat until an end-of-sequence
+token or a length limit. Here that loop is two compiled programs:
+
+1. **Prefill.** One forward pass over the prompts, right-padded to a common (bucketed) length ``P``,
+   writes every prompt token's K and V into the cache and keeps the logits at each row's *last real*
+   prompt token. It samples nothing, so it compiles once per shape whatever the sampling settings.
+2. **Decode loop.** A ``lax.while_loop`` whose carry is a :class:`DecodeState` (cache, next-token
+   logits, output buffer, per-row counts and done flags, RNG key, step). Each iteration samples one
+   token per row from the carried logits, then runs that token through the model at the row's own
+   position, writing its K/V in place. The loop ends when every row has produced an EOS, reached
+   ``max_new_tokens`` or filled its cache. No value returns to Python between tokens.
+
+Ragged prompts are exact. Row ``b`` with ``n_b`` real tokens holds padding K/V at positions
+``n_b..P-1`` after prefill, but its first new token is fed at position ``n_b`` (over the padding),
+the next at ``n_b + 1``, and so on. A query at position ``p`` only attends keys ``s <= p``
+(``causal_mask(T, S_max, offset=lengths)``), and by the time a query sits at ``p`` every slot up to
+``p`` holds a real token. Masks therefore come from the cache's per-row lengths, never from a ``tril``
+over the padded buffer.
+
+The compiled shapes are the batch size and three lengths rounded up to buckets
+(:func:`~tfd_jax.decode.cache.bucket_length`): the padded prompt ``P``, the cache ``S_max`` (from the
+longest prompt plus ``max_new_tokens``) and the output buffer ``N``. Everything else (each row's prompt
+length, ``max_new_tokens``, temperature, top-p, EOS id, the seed) is a traced value, so another prompt
+or output length in the same buckets reuses the compiled programs. The decode loop is also compiled
+per :class:`SamplingSpec`: greedy or not, ``top_k`` (``lax.top_k`` needs a static ``k``) and whether a
+top-p filter runs.
+
+Shape letters: B batch, P padded prompt length, T new tokens per call, S_max cache length, N output
+buffer length, V vocabulary, M model width.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from functools import partial
+from typing import Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tfd_jax import ops
+from tfd_jax.decode.cache import KVCache, bucket_length, init_cache, write_rows
+
+#: How many times each jitted function's Python body has been traced (traced = about to compile).
+#: Tests read it to prove that a second call in the same bucket compiles nothing new.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cached forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _eval_model(graphdef, state):
+    """Rebuild the model inside a traced function, with dropout off (inference)."""
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
+def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Run ``tokens [B, T]`` through every block, reading and writing the cache.
+
+    Row ``b``'s tokens sit at positions ``cache.lengths[b] + 0..T-1``; their K/V are written there
+    first, then each query attends to the whole cache row under the mask "key position <= query
+    position". ``num_valid [B]`` says how many of the ``T`` tokens are real; the returned cache's
+    lengths advance by it.
+
+    Returns:
+      the final hidden states ``[B, T, M]`` (before the final norm and output head) and the new cache.
+    """
+    B, T = tokens.shape
+    S = cache.max_length
+    start = cache.lengths
+    # Rows that are already finished may sit at S; clamping keeps their (ignored) positions inside the
+    # position table so nothing turns into NaN.
+    positions = jnp.minimum(start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :], S - 1)
+    mask = ops.causal_mask(T, S, offset=start)  # [B, 1, T, S]
+    new_k, new_v = [], []
+    x = model.embed(tokens, positions)
+    for i, block in enumerate(model.blocks):
+
+        def attn_fn(h, block=block, i=i):
+            q, k, v = block.attn.project(h, None, positions)
+            keys = write_rows(cache.k[i], k, start)
+            values = write_rows(cache.v[i], v, start)
+            new_k.append(keys)
+            new_v.append(values)
+            return block.attn.output(ops.attention(q, keys, values, mask=mask, impl=block.attn.impl))
+
+        x = block.feed_forward(block.attend(x, attn_fn=attn_fn))
+    return x, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_valid.astype(jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _forward_cached_jit(graphdef, state, tokens, cache, num_valid):
+    TRACE_COUNTS["forward_cached"] += 1
+    model = _eval_model(graphdef, state)
+    h, cache = _cached_hidden(model, tokens, cache, num_valid)
+    return model.logits(h), cache
+
+
+def forward_cached(model, tokens, cache: KVCache, num_valid=None) -> tuple[jax.Array, KVCache]:
+    """Logits for ``tokens`` appended to each cache row, and the cache with their K/V written (Chapter 13).
+
+    This is the building block of generation, exposed for teacher forcing and research: calling it
+    once on a prompt and then once per token gives the same logits as one uncached forward over the
+    whole sequence.
+
+    Args:
+      model: a ``GPT`` (dropout is switched off inside).
+      tokens: int ``[B, T]``; row ``b``'s tokens take positions ``cache.lengths[b] + 0..T-1``.
+      cache: a :class:`KVCache` with ``cache.lengths + T <= S_max`` in every row.
+      num_valid: int ``[B]``, how many of the ``T`` tokens of each row are real (right padding);
+        defaults to ``T``.
+    Returns:
+      float32 logits ``[B, T, V]`` and the new cache (lengths advanced by ``num_valid``).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    if B != cache.batch_size:
+        raise ValueError(f"tokens have batch {B} but the cache has {cache.batch_size}")
+    if int(jnp.max(cache.lengths)) + T > cache.max_length:
+        raise ValueError(f"{T} more tokens do not fit a cache of length {cache.max_length} "
+                         f"(longest row already holds {int(jnp.max(cache.lengths))})")
+    num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
+    graphdef, state = nnx.split(model)
+    return _forward_cached_jit(graphdef, state, tokens, cache, num_valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling inside the loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSpec:
+    """The part of the sampling settings that shapes the compiled program.
+
+    ``greedy``: argmax (temperature 0); ``top_k``: static ``k`` or None; ``use_top_p``: whether a
+    nucleus filter runs (its ``p`` and the temperature are traced values).
+    """
+
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+def filtered_logits(logits: jax.Array, temperature, top_p, spec: SamplingSpec) -> jax.Array:
+    """Temperature, then top-k, then top-p, with the ``tfd_jax.ops`` filters (Chapter 10).
+
+    Args:
+      logits: ``[B, V]``; temperature: scalar > 0; top_p: scalar in (0, 1].
+    Returns:
+      float32 ``[B, V]`` with dropped tokens at ``-inf``.
+    """
+    x = ops.apply_temperature(logits, temperature)
+    if spec.top_k is not None:
+        x = ops.top_k_filter(x, spec.top_k)
+    if spec.use_top_p:
+        x = ops.top_p_filter(x, top_p)
+    return x
+
+
+def choose_tokens(logits: jax.Array, rng: jax.Array, temperature, top_p, spec: SamplingSpec) -> jax.Array:
+    """One token per row: argmax when ``spec.greedy``, else a draw from the filtered distribution.
+
+    Args:
+      logits: ``[B, V]``; rng: a PRNG key.
+    Returns:
+      int32 ``[B]``.
+    """
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filtered_logits(logits, temperature, top_p, spec), axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill and the decode loop
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """Everything the decode loop carries from one token to the next (a pytree).
+
+    Attributes:
+      cache: the :class:`KVCache`; ``cache.lengths`` counts the tokens already fed to the model.
+      logits: float32 ``[B, V]``, each row's next-token logits (from the last token fed).
+      tokens: int32 ``[B, N]``, the new tokens so far (``pad_id`` after a row's end).
+      num_new: int32 ``[B]``, how many new tokens each row has produced (an EOS counts).
+      done: bool ``[B]``, rows that produced EOS, reached ``max_new_tokens`` or filled the cache.
+      rng: PRNG key.
+      step: int32 scalar, the next column of ``tokens`` to write.
+    """
+
+    cache: KVCache
+    logits: jax.Array
+    tokens: jax.Array
+    num_new: jax.Array
+    done: jax.Array
+    rng: jax.Array
+    step: jax.Array
+
+
+class _Knobs(NamedTuple):
+    """Traced per-call settings (changing them never recompiles)."""
+
+    max_new: jax.Array  # int32 scalar
+    eos_id: jax.Array  # int32 scalar, -1 for none
+    pad_id: jax.Array  # int32 scalar
+    temperature: jax.Array  # float32 scalar
+    top_p: jax.Array  # float32 scalar
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "tokens_out"))
+def _prefill(graphdef, state, prompts, prompt_lengths, cache, tokens_out, rng):
+    """Feed the prompts ``[B, P]`` (right-padded; real lengths ``[B]``) and return the loop's first state.
+
+    Sampling is left to the loop, so this program depends only on the shapes, never on the
+    sampling settings.
+    """
+    TRACE_COUNTS["prefill"] += 1
+    model = _eval_model(graphdef, state)
+    h, cache = _cached_hidden(model, prompts, cache, prompt_lengths)
+    last_h = jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)  # [B, 1, M]
+    B = prompts.shape[0]
+    return DecodeState(cache=cache, logits=model.logits(last_h)[:, 0], tokens=tokens_out,
+                       num_new=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), rng=rng,
+                       step=jnp.asarray(0, jnp.int32))
+
+
+def _decode_step(model, s: DecodeState, knobs: _Knobs, spec: SamplingSpec) -> DecodeState:
+    """Sample one token for every unfinished row, then feed it to get the next logits.
+
+    Finished rows write ``pad_id`` and do not advance. A row is finished after its EOS, its
+    ``max_new_tokens``-th token, or when its cache has no slot left for the token just sampled.
+    """
+    active = ~s.done
+    rng, sub = jax.random.split(s.rng)
+    tok = jnp.where(active, choose_tokens(s.logits, sub, knobs.temperature, knobs.top_p, spec), knobs.pad_id)
+    tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    num_new = s.num_new + active.astype(jnp.int32)
+    done = (s.done | (active & (tok == knobs.eos_id)) | (num_new >= knobs.max_new)
+            | (s.cache.lengths >= s.cache.max_length))
+    # The last iteration's forward is not needed by anyone; skipping it would need a lax.cond around
+    # the cache update, and one extra step per generation is cheaper than risking a cache copy.
+    h, cache = _cached_hidden(model, tok[:, None], s.cache, (~done).astype(jnp.int32))
+    return DecodeState(cache=cache, logits=model.logits(h)[:, 0], tokens=tokens, num_new=num_new, done=done,
+                       rng=rng, step=s.step + 1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
+def _decode_loop(graphdef, state, dstate: DecodeState, stop_at, knobs: _Knobs, *, spec):
+    """Run the loop until every row is done or ``step == stop_at`` (the chunk end when streaming)."""
+    TRACE_COUNTS["decode_loop"] += 1
+    model = _eval_model(graphdef, state)
+
+    def cond(s):
+        return (s.step < stop_at) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, knobs, spec), dstate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and the public API
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationPlan:
+    """Checked inputs and the shapes they compile to (see :func:`plan_generation`).
+
+    prompts: int32 ``[B, P]``, right-padded with 0; lengths: int32 ``[B]``; cache_length: ``S_max``;
+    out_length: ``N``, the output buffer; spec: the static sampling settings; knobs: the traced ones.
+    """
+
+    prompts: np.ndarray
+    lengths: np.ndarray
+    cache_length: int
+    out_length: int
+    spec: SamplingSpec
+    knobs: _Knobs
+
+
+def _as_rows(prompts) -> list[np.ndarray]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise ValueError(f"a prompt array must be [batch, length], got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompt ids must be integers, got {arr.dtype}")
+        return list(arr)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise ValueError("prompts must be a list of token-id lists or an int array [batch, length]")
+    rows = []
+    for i, row in enumerate(prompts):
+        if isinstance(row, (int, np.integer)):
+            raise ValueError("prompts must be a list of token-id lists; wrap a single prompt as [ids]")
+        arr = np.asarray(row)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"prompt {i} must be a flat list of integer token ids")
+        rows.append(arr.astype(np.int64))
+    return rows
+
+
+def plan_generation(
+    config,
+    prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> GenerationPlan:
+    """Check every input and fix the shapes (buckets) before anything is traced or compiled.
+
+    Raises ``ValueError`` with a readable message for: no prompts or an empty prompt, ids outside the
+    vocabulary, ``max_new_tokens < 1``, a prompt plus ``max_new_tokens`` longer than the context, a
+    negative temperature, ``top_k < 1``, ``top_p`` outside (0, 1], and an EOS/pad id outside the
+    vocabulary.
+    """
+    ops.check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, allow_greedy=True)
+    rows = _as_rows(prompts)
+    V, C = config.vocab_size, config.context_length
+    if not rows:
+        raise ValueError("no prompts given")
+    for i, r in enumerate(rows):
+        if r.size == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one token to start from")
+        if r.min() < 0 or r.max() >= V:
+            raise ValueError(f"prompt {i} has token ids outside [0, {V}): min {r.min()}, max {r.max()}")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    max_new_tokens = int(max_new_tokens)
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > C:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) is "
+            f"{longest + max_new_tokens}, beyond the model's context length {C}; shorten the prompt or "
+            f"ask for at most {C - longest} new tokens"
+        )
+    for name, val in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if val is not None and not 0 <= int(val) < V:
+            raise ValueError(f"{name} must be in [0, {V}), got {val}")
+    S = bucket_length(longest + max_new_tokens, maximum=C)
+    P = min(bucket_length(longest), S)
+    N = bucket_length(max_new_tokens)
+    padded = np.zeros((len(rows), P), np.int32)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = r
+    greedy = temperature == 0
+    spec = SamplingSpec(
+        greedy=greedy,
+        top_k=None if (greedy or top_k is None or top_k >= V) else int(top_k),
+        use_top_p=not greedy and top_p is not None and top_p < 1.0,
+    )
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    knobs = _Knobs(
+        max_new=jnp.asarray(max_new_tokens, jnp.int32),
+        eos_id=jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32),
+        pad_id=jnp.asarray(pad_id, jnp.int32),
+        temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        top_p=jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+    )
+    return GenerationPlan(padded, np.array([len(r) for r in rows], np.int32), S, N, spec, knobs)
+
+
+def _start(model, plan: GenerationPlan, seed: int):
+    """Split the model, allocate the cache and output buffer, and run the prefill (no token yet)."""
+    graphdef, state = nnx.split(model)
+    B = plan.prompts.shape[0]
+    cache = init_cache(model.config, B, plan.cache_length)
+    tokens_out = jnp.full((B, plan.out_length), plan.knobs.pad_id, jnp.int32)
+    dstate = _prefill(graphdef, state, jnp.asarray(plan.prompts), jnp.asarray(plan.lengths), cache, tokens_out,
+                      jax.random.key(seed))
+    return graphdef, state, dstate
+
+
+class Chunk(NamedTuple):
+    """A piece of a streamed generation.
+
+    tokens: int32 ``[B, n]`` new tokens (``pad_id`` where a row had already finished);
+    valid: bool ``[B, n]``, True for real tokens (an EOS is real); done: bool ``[B]`` after this chunk.
+    """
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    done: np.ndarray
+
+
+def generate_stream(
+    model,
+    prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    chunk_size: int = 16,
+) -> Iterator[Chunk]:
+    """Like :func:`generate`, but yields the new tokens as they are produced (for the CLI).
+
+    Each chunk comes from one call of the same compiled decode loop, which stops early at the chunk's
+    end: the first chunk is a single token (so text appears as soon as possible), later ones hold up to
+    ``chunk_size`` tokens.
+    Concatenating the chunks gives exactly what :func:`generate` returns for the same arguments.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+    graphdef, state, dstate = _start(model, plan, seed)
+    emitted = 0
+    while True:
+        tokens, num_new, done, step = jax.device_get((dstate.tokens, dstate.num_new, dstate.done, dstate.step))
+        step = int(step)
+        if step > emitted:
+            cols = np.arange(emitted, step)
+            yield Chunk(tokens[:, emitted:step], cols[None, :] < num_new[:, None], done)
+            emitted = step
+        if done.all() or step >= max_new_tokens:
+            return
+        stop_at = jnp.asarray(min(step + (chunk_size if step else 1), max_new_tokens), jnp.int32)
+        dstate = _decode_loop(graphdef, state, dstate, stop_at, plan.knobs, spec=plan.spec)
+
+
+def generate(
+    model,
+    prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (Chapter 13's loop, with a KV cache).
+
+    Args:
+      model: a ``GPT``; it is not modified (dropout is off inside).
+      prompts: a list of token-id lists (lengths may differ) or an int array ``[B, T]``.
+      max_new_tokens: how many tokens to produce per row at most; ``longest prompt + max_new_tokens``
+        must fit the context length.
+      temperature: 0 is greedy (argmax, and ``top_k``/``top_p`` have no effect); > 0 samples from
+        ``softmax(logits / temperature)``.
+      top_k: keep only the ``k`` most likely tokens (ties at the k-th kept); None for all.
+      top_p: nucleus sampling, keep the most likely tokens until their mass reaches ``p``.
+      seed: PRNG seed; the same seed and inputs give the same tokens.
+      eos_id: a row stops after producing this token (it is included in the output); None never stops.
+      pad_id: fills the output after a row stops; defaults to ``eos_id``, or 0.
+    Returns:
+      ``(tokens, lengths)``: int32 numpy ``[B, max_new_tokens]`` and ``[B]``, where row ``b``'s new tokens
+      are ``tokens[b, :lengths[b]]``.
+    """
+    plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+    graphdef, state, dstate = _start(model, plan, seed)
+    dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec)
+    tokens, num_new = jax.device_get((dstate.tokens, dstate.num_new))
+    return np.asarray(tokens[:, :max_new_tokens], np.int32), np.asarray(num_new, np.int32)
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many compiled variants each jitted entry point holds (jit's own cache sizes)."""
+    return {
+        "prefill": _prefill._cache_size(),
+        "decode_loop": _decode_loop._cache_size(),
+        "forward_cached": _forward_cached_jit._cache_size(),
+    }
