@@ -182,3 +182,19 @@ def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
     assert "saved step" in output
     latest = ckpt.Checkpointer(out).latest_step()
     assert latest is not None and latest >= 3
+
+
+def test_bad_input_fails_before_writing_and_leaves_out_reusable(tmp_path, corpus):
+    small = tmp_path / "small.txt"
+    small.write_text("hello world, hello")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"one batch of 8 windows of 16\+1 tokens needs at least"):
+        train(cfg(str(small), out, steps=5))
+    assert not out.exists()
+    with pytest.raises(TrainingError, match="uses 3 devices but there are 8"):
+        train(cfg(corpus, out, steps=5, mesh="data=3"))
+    with pytest.raises(TrainingError, match="multiple of data x fsdp = 8"):
+        train(cfg(corpus, out, steps=5, batch_size=6))
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        train(cfg(corpus, out, steps=5, model_overrides={**TINY["model_overrides"], "d_model": 30, "num_heads": 4}))
+    assert not out.exists()

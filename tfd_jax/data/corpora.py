@@ -323,7 +323,7 @@ def local_documents(spec: str | os.PathLike) -> list[Document]:
             raise FileNotFoundError(f"no such file: the pattern {spec!r} matches no files; check the path")
         return [Document(Path(p).as_posix(), read_text(p)) for p in files]
     raise FileNotFoundError(
-        f"no such file or directory: {spec!r}; --corpus takes 'pystdlib', 'tinyshakespeare', "
+        f"no such file or directory: {spec!r}; a corpus is 'pystdlib', 'tinyshakespeare', "
         "a text file, a directory or a glob pattern"
     )
 

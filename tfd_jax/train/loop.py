@@ -136,7 +136,10 @@ def _prepare_data(cfg: TrainConfig, out: Path, log):
         if tok_dir.exists():
             tokenizer = load_tokenizer(tok_dir)
         else:
-            tokenizer = _train_tokenizer(cfg, train_corpus.text)
+            # A character vocabulary must cover the validation text too (nanoGPT builds it from all
+            # of the text); BPE and sentencepiece fall back to bytes, so they see only training text.
+            text = train_corpus.text + (val_corpus.text if cfg.tokenizer == "char" else "")
+            tokenizer = _train_tokenizer(cfg, text)
             tokenizer.save(tok_dir)
         write_tokens(train_corpus, tokenizer, data_dir / "train", progress=cfg.progress)
         write_tokens(val_corpus, tokenizer, data_dir / "val", progress=cfg.progress)
@@ -180,11 +183,23 @@ def train(cfg: TrainConfig) -> dict:
 
     _validate(cfg)
     out = _check_run_dir(cfg)
+    try:
+        return _train(cfg, out, log, is_main)
+    except BaseException:
+        # A new run that failed before writing its config (bad data, bad flags) leaves nothing
+        # behind, so the same --out can be used again once the problem is fixed.
+        if not cfg.resume and is_main and not (out / ckpt.CONFIG_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     precision = cfg.precision or default_precision()
     compute_dtype(precision)  # validates the name
-    tokenizer, train_tokens, val_tokens = _prepare_data(cfg, out, log)
-
-    mesh = shd.make_mesh(cfg.mesh)
+    try:
+        mesh = shd.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.batch_size % shd.batch_divisor(mesh):
         raise TrainingError(
             f"--batch-size {cfg.batch_size} must be a multiple of data x fsdp = {shd.batch_divisor(mesh)} on mesh {dict(mesh.shape)}"
@@ -194,6 +209,16 @@ def train(cfg: TrainConfig) -> dict:
             f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x data x fsdp "
             f"({shd.batch_divisor(mesh)}) so every micro-batch splits evenly over the devices"
         )
+
+    tokenizer, train_tokens, val_tokens = _prepare_data(cfg, out, log)
+
+    # Build the data iterators before anything is written, so a corpus too small for one batch
+    # fails here with a clear message and leaves no half-made run behind.
+    data_it = _train_iterator(cfg, train_tokens)
+    try:
+        _val_iterator(cfg, val_tokens)
+    except ValueError as e:
+        raise TrainingError(f"validation split too small: {e}") from None
 
     if cfg.resume:
         model_cfg = GPTConfig.from_dict(ckpt.read_config(out)["model"])
@@ -228,7 +253,6 @@ def train(cfg: TrainConfig) -> dict:
     state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, precision), out_shardings=state_sh)(params)
     del params
 
-    data_it = _train_iterator(cfg, train_tokens)
     checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints)
     start_step = 0
     if cfg.resume:
@@ -427,6 +451,12 @@ def _train_iterator(cfg: TrainConfig, tokens):
     return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
 
 
+def _val_iterator(cfg: TrainConfig, tokens):
+    from tfd_jax.data.pipeline import make_iterator
+
+    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 12345)
+
+
 def _iterator_save(it):
     from tfd_jax.data.pipeline import IteratorSave
 
@@ -435,9 +465,7 @@ def _iterator_save(it):
 
 def _evaluate(cfg: TrainConfig, eval_fn, params, val_tokens, mesh) -> float:
     """Mean validation loss over ``eval_batches`` fixed batches (the same ones every time)."""
-    from tfd_jax.data.pipeline import make_iterator
-
-    it = make_iterator(val_tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 12345)
+    it = _val_iterator(cfg, val_tokens)
     total, count = 0.0, 0.0
     for _ in range(cfg.eval_batches):
         s, c = eval_fn(params, shd.global_batch(next(it), mesh))
