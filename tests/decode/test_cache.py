@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tfd_jax.decode import bucket_length, bytes_per_token, init_cache
-from tfd_jax.decode.cache import write_rows
+from tfd_jax.decode.cache import as_bshd, write_rows
 from tfd_jax.models import GPTConfig
 
 
@@ -30,7 +30,7 @@ def test_cache_shapes_dtype_and_nbytes(tiny_cfg):
     cache = init_cache(tiny_cfg, batch_size=3, max_length=32)
     H, D = tiny_cfg.num_heads, tiny_cfg.head_dim
     assert cache.num_layers == tiny_cfg.num_layers and cache.max_length == 32 and cache.batch_size == 3
-    assert all(a.shape == (3, 32, H, D) and a.dtype == jnp.float32 for a in (*cache.k, *cache.v))
+    assert all(a.shape == (3, H, 32, D) and a.dtype == jnp.float32 for a in (*cache.k, *cache.v))  # heads-major
     assert cache.nbytes == 3 * 32 * bytes_per_token(tiny_cfg)
     bf16 = init_cache(tiny_cfg.replace(dtype="bfloat16"), 3, 32)
     assert bf16.k[0].dtype == jnp.bfloat16 and bf16.nbytes == cache.nbytes // 2
@@ -39,11 +39,10 @@ def test_cache_shapes_dtype_and_nbytes(tiny_cfg):
 
 
 def test_write_rows_puts_each_row_at_its_own_position():
-    buf = jnp.zeros((3, 8, 1, 1))
-    new = jnp.arange(1, 7, dtype=jnp.float32).reshape(3, 2, 1, 1)
-    out = np.asarray(write_rows(buf, new, jnp.array([0, 3, 6])))[..., 0, 0]
-    expected = np.zeros((3, 8))
-    expected[0, 0:2] = [1, 2]
-    expected[1, 3:5] = [3, 4]
-    expected[2, 6:8] = [5, 6]
+    B, S, H, D = 3, 8, 2, 1
+    new = jnp.arange(1, B * 2 * H + 1, dtype=jnp.float32).reshape(B, 2, H, D)  # [B, T=2, H, D]
+    out = np.asarray(as_bshd(write_rows(jnp.zeros((B, H, S, D)), new, jnp.array([0, 3, 6]))))
+    expected = np.zeros((B, S, H, D), np.float32)
+    for b, s in enumerate([0, 3, 6]):
+        expected[b, s : s + 2] = np.asarray(new[b])
     np.testing.assert_array_equal(out, expected)

@@ -110,6 +110,25 @@ def test_teacher_forced_cached_logits_equal_full_forward(name, make_gpt):
     assert TRACE_COUNTS["forward_cached"] - traces == (3 if name == "gpt2" else 2)
 
 
+def test_bfloat16_cache_runs_and_tracks_the_full_forward(make_gpt):
+    """bf16 compute: the cache is bf16 (half the bytes), and prefill + steps stay close to the
+    uncached bf16 forward (rounding differs between the two paths, hence the loose tolerance)."""
+    cfg = CONFIGS["gpt2"].replace(dtype="bfloat16")
+    model = make_gpt(cfg, seed=1)
+    seq = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 12)).astype(np.int32)
+    full = np.asarray(_full_forward(model)(seq))
+    cache = init_cache(cfg, 2, 16)
+    assert cache.k[0].dtype == jnp.bfloat16
+    logits, cache = forward_cached(model, seq[:, :8], cache)
+    got = [np.asarray(logits)]
+    for t in range(8, 12):
+        logits, cache = forward_cached(model, seq[:, t : t + 1], cache)
+        got.append(np.asarray(logits))
+    got = np.concatenate(got, axis=1)
+    scale = np.abs(full).max()
+    assert np.abs(got - full).max() < 0.03 * scale, np.abs(got - full).max() / scale
+
+
 def test_forward_cached_refuses_to_overflow(tiny_model, tiny_cfg):
     cache = init_cache(tiny_cfg, 1, 16)
     with pytest.raises(ValueError, match="do not fit"):

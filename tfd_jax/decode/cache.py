@@ -6,9 +6,15 @@ K and V are kept, never Q: a past token's query is never needed again, while eve
 at all past keys and values.
 
 Here the cache is allocated **once** for the whole generation, at its final size, and filled in place:
-for every layer a K and a V buffer of shape ``[B, S_max, H, D]`` in the model's compute dtype, plus
+for every layer a K and a V buffer of shape ``[B, H, S_max, D]`` in the model's compute dtype, plus
 ``lengths [B]``, how many positions of each row are filled (which is also the position where the row's
-next token goes). Rows may have different lengths (ragged prompts); attention masks are built from
+next token goes).
+
+The buffers are stored heads-major, ``[B, H, S_max, D]``, not in the ``[B, S, H, D]`` order the
+attention layer produces. Attention is a batched matrix product over ``(B, H)``; with ``S`` between
+``B`` and ``H`` in memory XLA has to transpose the whole cache of every layer at every step before
+multiplying, which on CPU doubled the time per token at ``S_max = 256`` (``experiments/decode_bench.py``).
+New keys and values are transposed on the way in instead (``T`` positions, not ``S_max``). Rows may have different lengths (ragged prompts); attention masks are built from
 ``lengths``, so unfilled or stale slots are never attended to.
 
 ``S_max`` is rounded up to a *bucket* (:func:`bucket_length`) so that generations with slightly
@@ -67,7 +73,7 @@ class KVCache:
     """Keys and values of every layer, plus how much of each row is filled.
 
     Attributes:
-      k, v: tuples with one ``[B, S_max, H, D]`` array per layer.
+      k, v: tuples with one ``[B, H, S_max, D]`` array per layer (heads-major; see the module notes).
       lengths: int32 ``[B]``; row ``b`` holds valid K/V at positions ``0..lengths[b]-1`` and writes
         its next token at ``lengths[b]``.
     """
@@ -83,7 +89,7 @@ class KVCache:
     @property
     def max_length(self) -> int:
         """``S_max``: the number of positions each row can hold."""
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def num_layers(self) -> int:
@@ -96,7 +102,7 @@ class KVCache:
 
 
 def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Allocate an empty cache: zeros ``[B, S_max, H, D]`` for each layer's K and V, lengths 0.
+    """Allocate an empty cache: zeros ``[B, H, S_max, D]`` for each layer's K and V, lengths 0.
 
     Args:
       config: a ``GPTConfig``.
@@ -111,21 +117,29 @@ def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
     if not 1 <= max_length <= config.context_length:
         raise ValueError(f"cache length must be in [1, context_length={config.context_length}], got {max_length}")
     dtype = dtype or config.compute_dtype
-    shape = (batch_size, max_length, config.num_heads, config.head_dim)
+    shape = (batch_size, config.num_heads, max_length, config.head_dim)
     k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new [B, T, H, D]`` into ``buffer [B, S_max, H, D]`` at a per-row position ``start [B]``.
+    """Write ``new [B, T, H, D]`` into ``buffer [B, H, S_max, D]`` at a per-row position ``start [B]``.
 
     One ``dynamic_update_slice`` per row (vmapped), which XLA performs in place when the buffer is a
     loop carry or donated. The caller keeps ``start + T <= S_max``: out-of-range starts are clamped by
     ``dynamic_update_slice``, which would shift the write.
     """
 
-    def one(buf, x, s):
-        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s, 0, 0))
+    def one(buf, x, s):  # buf [H, S_max, D], x [H, T, D]
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, s, 0))
 
-    return jax.vmap(one)(buffer, new, start.astype(jnp.int32))
+    return jax.vmap(one)(buffer, jnp.swapaxes(new, 1, 2), start.astype(jnp.int32))
+
+
+def as_bshd(buffer: jax.Array) -> jax.Array:
+    """A cache buffer ``[B, H, S_max, D]`` in the attention layer's order ``[B, S_max, H, D]``.
+
+    Inside ``jit`` this is free: XLA folds it into the attention's matrix products.
+    """
+    return jnp.swapaxes(buffer, 1, 2)

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from tfd_jax import ops
-from tfd_jax.decode.cache import KVCache, bucket_length, init_cache, write_rows
+from tfd_jax.decode.cache import KVCache, as_bshd, bucket_length, init_cache, write_rows
 
 #: How many times each jitted function's Python body has been traced (traced = about to compile).
 #: Tests read it to prove that a second call in the same bucket compiles nothing new.
@@ -61,6 +61,18 @@ def _eval_model(graphdef, state):
     model = nnx.merge(graphdef, state)
     model.eval()
     return model
+
+
+def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+    """``ops.attention`` of ``q [B, T, H, D]`` over heads-major cache buffers ``[B, H, S_max, D]``.
+
+    On CPU, half-precision inputs are raised to float32 first: XLA:CPU cannot run some bf16 x bf16 ->
+    f32 batched products in this layout, and CPUs gain nothing from bf16 arithmetic anyway.
+    """
+    dtype = q.dtype
+    if jax.default_backend() == "cpu" and dtype in (jnp.bfloat16, jnp.float16):
+        q, keys, values = (x.astype(jnp.float32) for x in (q, keys, values))
+    return ops.attention(q, as_bshd(keys), as_bshd(values), mask=mask, impl=impl).astype(dtype)
 
 
 def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Array) -> tuple[jax.Array, KVCache]:
@@ -91,7 +103,7 @@ def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Arra
             values = write_rows(cache.v[i], v, start)
             new_k.append(keys)
             new_v.append(values)
-            return block.attn.output(ops.attention(q, keys, values, mask=mask, impl=block.attn.impl))
+            return block.attn.output(_attend(q, keys, values, mask, block.attn.impl))
 
         x = block.feed_forward(block.attend(x, attn_fn=attn_fn))
     return x, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_valid.astype(jnp.int32))
