@@ -114,12 +114,31 @@ class GPT(nnx.Module):
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        x = self.embed(tokens, positions)
+        return self.forward_embeddings(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+
+    def forward_embeddings(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Everything after the embedding: ``x [B, T, M]`` (output of :meth:`embed`) -> logits ``[B, T, V]``.
+
+        The model as a function of a continuous input, so one can differentiate through it (e.g. to
+        show causality: logits at ``t`` have zero gradient with respect to ``x`` after ``t``).
+        Arguments as in ``__call__``; ``positions`` only matter here for RoPE.
+        """
+        B, T = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = ops.causal_mask(T)
         if segment_ids is not None:
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if padding_mask is not None:
             mask = mask & ops.padding_mask(padding_mask)
-        x = self.embed(tokens, positions)
         for block in self.blocks:
             if self.config.remat:
                 x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions))(block, x)

@@ -103,6 +103,8 @@ def sample(
     Returns:
       int32 ``[...]``.
     """
+    # Validate every setting, also on the greedy path, so a bad top_k/top_p never passes silently.
+    check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)

@@ -1,0 +1,417 @@
+"""The GPT model: causality by gradient, the course's post-LN block, dropout modes, precision,
+remat, packing (segment ids) and padding."""
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfd_jax import ops
+from tfd_jax.models import GPT, GPTConfig, count_params
+
+T = 8
+
+
+def _fast_compile_options():
+    """XLA options that make tiny test programs compile several times faster on CPU (their run
+    time is negligible either way): no backend optimisation, classic emitters. Only the options
+    this XLA knows are used."""
+    usable = {}
+    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
+            usable[name] = value
+        except Exception:  # an XLA without this option
+            pass
+    return usable
+
+
+FAST = _fast_compile_options()
+
+
+# Everything below runs compiled: one program per model and shape, rather than one per primitive.
+@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST)
+def _apply(fn, graphdef, state, *args):
+    model = nnx.merge(graphdef, state)
+    out = fn(model, *args)
+    return out, nnx.state(model)
+
+
+def jit_apply(fn, model, *args):
+    """``fn(model, *args)`` compiled, with the model's state (e.g. dropout RNG counts) written back."""
+    graphdef, state = nnx.split(model)
+    out, state = _apply(fn, graphdef, state, *args)
+    nnx.update(model, state)
+    return out
+
+
+def _call(model, tokens, positions, segment_ids, padding_mask):
+    return model(tokens, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+
+
+def run(model, tokens, positions=None, segment_ids=None, padding_mask=None):
+    """``model(tokens, ...)``, compiled. Defaults are filled in explicitly (positions ``0..T-1``, one
+    segment, nothing padded), so one program per model and shape serves every call; the
+    ``None`` defaults of ``__call__`` itself are exercised by the causality probe below."""
+    B, n = tokens.shape
+    positions = default_positions(B, n) if positions is None else positions
+    segment_ids = jnp.zeros((B, n), jnp.int32) if segment_ids is None else segment_ids
+    padding_mask = jnp.ones((B, n), bool) if padding_mask is None else padding_mask
+    return jit_apply(_call, model, tokens, positions, segment_ids, padding_mask)
+
+
+def _rngs():
+    return nnx.Rngs(params=0, dropout=1)
+
+
+@functools.cache
+def _init_state(cfg: GPTConfig):
+    return jax.jit(lambda: nnx.state(GPT(cfg, rngs=_rngs())), compiler_options=FAST)()
+
+
+@functools.cache
+def _graphdef(cfg: GPTConfig):
+    return nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=_rngs())))[0]
+
+
+def build(name, *, train=False, **overrides):
+    """A fresh model (its own module objects) from the preset, initialised by one compiled program
+    per parameter layout; in eval mode unless ``train``.
+
+    Compute dtype and remat do not change the parameters, so such variants share the initial
+    state of the plain config (and compare like with like)."""
+    cfg = GPTConfig.preset(name, **overrides)
+    model = nnx.merge(_graphdef(cfg), _init_state(cfg.replace(dtype="float32", remat=False)), copy=True)
+    if not train:
+        model.eval()
+    return model
+
+
+# Small vocabularies and contexts keep every test fast; the architecture is the preset's. The
+# course preset is also the sinusoidal-positions variant.
+CONFIGS = {
+    "course": ("course", dict(vocab_size=50)),  # post-LN, sinusoidal, untied, no Q/K/V/O biases
+    "tiny": ("tiny", dict(vocab_size=64, context_length=16)),  # GPT-2 style: pre-LN, learned positions
+    "tiny-rope": ("tiny", dict(vocab_size=64, context_length=16, positions="rope")),
+}
+
+
+def build_named(key, **more):
+    name, overrides = CONFIGS[key]
+    return build(name, **overrides, **more)
+
+
+@functools.cache
+def shared(key):
+    """One model per config for the read-only tests (tests that change a model build their own)."""
+    return build_named(key)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def key(request):
+    return request.param
+
+
+@pytest.fixture
+def course():
+    return shared("course")
+
+
+@pytest.fixture
+def tiny():
+    return shared("tiny")
+
+
+def tokens_for(model, B=2, T=T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, model.config.vocab_size, (B, T)), jnp.int32)
+
+
+def default_positions(B, T):
+    return jnp.broadcast_to(jnp.arange(T), (B, T))
+
+
+# ---- causality -----------------------------------------------------------------------------------
+
+
+def _direction(model):
+    return jnp.asarray(np.random.default_rng(1).standard_normal(model.config.vocab_size), jnp.float32)
+
+
+def _sensitivity(model, tokens, positions, segment_ids, r):
+    """|d logits[t] / d x[s]| summed over features, for batch row 0: ``[T_out, T_in]``.
+
+    ``x`` is the embedded input (tokens plus positions), the continuous input of the blocks. The
+    logits are contracted with a fixed random direction ``r`` (one backward pass per output
+    position instead of one per vocabulary entry); a random direction hides a real dependence
+    with probability zero.
+    """
+    x = model.embed(tokens, positions)
+    f = lambda x: model.forward_embeddings(x, positions=positions, segment_ids=segment_ids)[0] @ r  # noqa: E731
+    J = jax.jacrev(f)(x)  # [T_out, B, T_in, M]
+    return jnp.abs(J[:, 0]).sum(-1)
+
+
+def _probe(model, tokens, changed, r):
+    """Everything the read-only tests need from one model, in one compiled program."""
+    positions = default_positions(*tokens.shape)
+    x = model.embed(tokens, positions)
+    blocks = []  # the residual stream after each block, run by hand
+    for block in model.blocks:
+        x = block(x, mask=ops.causal_mask(tokens.shape[1]))
+        blocks.append(x)
+    logits, logits_changed = jnp.split(model(jnp.concatenate([tokens, changed])), 2)
+    return dict(
+        sensitivity=_sensitivity(model, tokens[:1], positions[:1], None, r),
+        logits=logits,
+        changed=logits_changed,
+        blocks=jnp.stack(blocks),
+        head=model.logits(x),
+    )
+
+
+@functools.cache
+def probe_of(key):
+    model = shared(key)
+    tokens = tokens_for(model, seed=2)
+    changed = tokens.at[:, 5:].set((tokens[:, 5:] + 1) % model.config.vocab_size)  # a new future from t = 5
+    return {k: np.asarray(v) for k, v in jit_apply(_probe, model, tokens, changed, _direction(model)).items()}
+
+
+def test_causality_by_gradient(key):
+    g = probe_of(key)["sensitivity"]
+    future = np.triu(np.ones((T, T), bool), k=1)  # [t, s] with s > t
+    assert np.all(g[future] == 0.0), "logits depend on later positions"
+    assert np.all(g[~future] > 1e-8), "logits ignore an earlier position"
+
+
+def test_future_tokens_do_not_change_past_logits(key):
+    la, lb = probe_of(key)["logits"], probe_of(key)["changed"]
+    np.testing.assert_allclose(la[:, :5], lb[:, :5], rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(la[:, 5:] - lb[:, 5:])) > 1e-4
+
+
+def test_call_is_embed_then_blocks_then_head(key):
+    # __call__ (with its own mask and default positions) equals running the pieces by hand.
+    direct = probe_of(key)["logits"]
+    assert direct.shape == (2, T, shared(key).config.vocab_size) and direct.dtype == np.float32
+    np.testing.assert_allclose(direct, probe_of(key)["head"], rtol=1e-6, atol=1e-6)
+
+
+# ---- the course's block --------------------------------------------------------------------------
+
+
+def np_layer_norm(x, scale, bias, eps):
+    x = np.asarray(x, np.float64)
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+    return y * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+
+
+def test_course_is_post_ln():
+    # With LN last in each sub-layer, every block's output rows have mean 0 and population
+    # variance 1 (LN's scale 1 and bias 0 at init; var/(var + eps) is within 1e-3 of 1 here).
+    blocks = probe_of("course")["blocks"].astype(np.float64)
+    assert blocks.shape == (3, 2, T, 6)
+    np.testing.assert_allclose(blocks.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(blocks.var(-1), 1.0, atol=1e-3)
+
+
+def test_pre_ln_block_outputs_are_not_normalised():
+    # The contrast that makes the check above meaningful: a GPT-2 (pre-LN) block leaves the
+    # residual stream un-normalised.
+    blocks = probe_of("tiny")["blocks"].astype(np.float64)
+    assert np.all(np.max(np.abs(blocks.var(-1) - 1.0), axis=(1, 2)) > 0.5)
+
+
+def test_course_has_no_qkvo_biases_and_an_untied_head(course):
+    assert count_params(course) == course.config.num_params()
+    for block in course.blocks:
+        for lin in (block.attn.q, block.attn.k, block.attn.v, block.attn.o):
+            assert lin.bias is None
+        assert block.ffn.w_in.bias is not None and block.ffn.activation == "relu"
+    assert course.final_norm is None and course.lm_head is not None and course.lm_head.bias is None
+    E = np.asarray(course.tok_embed.embedding[...], np.float64)
+    W = np.asarray(course.lm_head.kernel[...], np.float64)
+    assert E.shape == (50, 6) and W.shape == (6, 50)
+    assert not np.allclose(E, W.T)
+    # The logits are the last block's output times lm_head, with no norm in between.
+    probe = probe_of("course")
+    np.testing.assert_allclose(probe["logits"], probe["blocks"][-1].astype(np.float64) @ W, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_head_is_tied(tiny):
+    # GPT-2: final LayerNorm, then the transposed token embedding as the output layer.
+    assert tiny.lm_head is None
+    probe = probe_of("tiny")
+    ln = tiny.final_norm
+    h = np_layer_norm(probe["blocks"][-1], ln.scale[...], ln.bias[...], ln.eps)
+    E = np.asarray(tiny.tok_embed.embedding[...], np.float64)
+    np.testing.assert_allclose(probe["logits"], h @ E.T, rtol=1e-5, atol=1e-5)
+
+
+# ---- input checks (they fire before any computation) ---------------------------------------------
+
+
+def test_too_long_input_raises(tiny):
+    with pytest.raises(ValueError, match="exceeds the model's context length 16"):
+        tiny(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="exceeds"):  # also when traced: the check needs only the shape
+        run(tiny, jnp.zeros((1, 17), jnp.int32))
+
+
+def test_non_integer_tokens_raise(tiny):
+    with pytest.raises(ValueError, match="must be integers"):
+        tiny(jnp.zeros((1, 4), jnp.float32))
+
+
+def test_bad_token_shapes_raise(tiny):
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        tiny(jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="empty"):
+        tiny(jnp.zeros((1, 0), jnp.int32))
+
+
+def test_invalid_config_raises_before_building():
+    with pytest.raises(ValueError, match="not divisible"):
+        GPT(GPTConfig.preset("course", num_heads=4), rngs=nnx.Rngs(0))
+
+
+# ---- dropout modes -------------------------------------------------------------------------------
+
+
+def test_eval_is_deterministic_train_is_not():
+    model = build_named("course", train=True)
+    assert model.config.dropout == 0.1  # the course's rate
+    tokens = tokens_for(model)
+    model.eval()
+    a, b = run(model, tokens), run(model, tokens)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model.train()
+    c, d = run(model, tokens), run(model, tokens)
+    assert np.max(np.abs(np.asarray(c) - np.asarray(d))) > 1e-3
+    assert np.max(np.abs(np.asarray(c) - np.asarray(a))) > 1e-3
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(run(model, tokens)), np.asarray(a))
+
+
+# ---- precision and remat -------------------------------------------------------------------------
+
+
+def test_bf16_compute_gives_float32_logits_close_to_fp32():
+    f32 = shared("tiny")
+    b16 = build_named("tiny", dtype="bfloat16")
+    # The same float32 parameters in both: only the compute dtype differs.
+    for p, q in zip(jax.tree.leaves(nnx.state(f32, nnx.Param)), jax.tree.leaves(nnx.state(b16, nnx.Param))):
+        assert q.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(q))
+    tokens = tokens_for(f32)
+    lf, lb = np.asarray(run(f32, tokens)), np.asarray(run(b16, tokens))
+    assert lb.dtype == np.float32
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%); through two blocks and the
+    # head the logits may drift by a few percent of their scale, not more.
+    scale = np.abs(lf).max()
+    assert np.abs(lb - lf).max() < 0.05 * scale
+    assert np.abs(lb - lf).max() > 0  # the bf16 path really ran in lower precision
+
+
+def _loss_and_grads(model, tokens):
+    def loss_fn(m):
+        logits = m(tokens[:, :-1])
+        return ops.cross_entropy(logits, tokens[:, 1:]), logits
+
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+
+def test_remat_changes_nothing():
+    plain = shared("tiny")
+    remat = build_named("tiny", remat=True)
+    assert remat.config.remat and not plain.config.remat
+    tokens = tokens_for(plain, T=T + 1)
+    (l1, logits1), g1 = jit_apply(_loss_and_grads, plain, tokens)
+    (l2, logits2), g2 = jit_apply(_loss_and_grads, remat, tokens)
+    np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits1), rtol=1e-6, atol=1e-6)
+    assert abs(float(l1) - float(l2)) <= 1e-6 * abs(float(l1))
+    leaves1, leaves2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+    assert len(leaves1) == len(leaves2) == len(jax.tree.leaves(nnx.state(plain, nnx.Param)))
+    for a, b in zip(leaves1, leaves2):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert all(float(jnp.abs(a).max()) > 0 for a in leaves1)
+
+
+# ---- packing and padding -------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["tiny", "tiny-rope"])
+def gpt2ish(request):
+    return shared(request.param)
+
+
+def alone(model, segs):
+    """Logits of each sequence in ``segs`` (two ``[1, n]`` arrays) on its own. Each is filled up to
+    T and the two share one batch, so one compiled shape serves all; causality makes the fill
+    irrelevant."""
+    filled = jnp.concatenate([jnp.pad(seg, ((0, 0), (0, T - seg.shape[1]))) for seg in segs])
+    out = np.asarray(run(model, filled))
+    return [out[i : i + 1, : seg.shape[1]] for i, seg in enumerate(segs)]
+
+
+def _segment_probe(model, tokens, positions, segment_ids, r):
+    logits = model(tokens, positions=positions, segment_ids=segment_ids)
+    return logits, _sensitivity(model, tokens, positions, segment_ids, r)
+
+
+def test_segments_do_not_see_each_other(gpt2ish):
+    # Row 0 packs two documents of 3 and 5 tokens, positions restarting at the second; row 1 is
+    # one document of 8 tokens.
+    model = gpt2ish
+    seg_a, seg_b, whole = (tokens_for(model, B=1, T=n, seed=s) for n, s in [(3, 4), (5, 5), (8, 6)])
+    packed = jnp.concatenate([jnp.concatenate([seg_a, seg_b], axis=1), whole])
+    segment_ids = jnp.array([[0] * 3 + [1] * 5, [0] * 8])
+    positions = jnp.array([list(range(3)) + list(range(5)), list(range(8))])
+    out, g = map(np.asarray, jit_apply(_segment_probe, model, packed, positions, segment_ids, _direction(model)))
+    # Packed, each document gets exactly the logits it gets alone.
+    ref_a, ref_b = alone(model, [seg_a, seg_b])
+    np.testing.assert_allclose(out[:1, :3], ref_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[:1, 3:], ref_b, rtol=1e-5, atol=1e-5)
+    unsegmented = np.asarray(run(model, packed, positions))
+    np.testing.assert_allclose(out[1:], unsegmented[1:], rtol=1e-5, atol=1e-5)
+    # By gradient (row 0): segment 2's logits have zero sensitivity to segment 1's inputs (and
+    # segment 1's none to segment 2's, as causality already demands); within a segment, causal
+    # dependence as usual.
+    assert np.all(g[3:, :3] == 0.0) and np.all(g[:3, 3:] == 0.0)
+    assert np.all(g[3:, 3:][np.tril(np.ones((5, 5), bool))] > 1e-8)
+    # Without segment ids the second document does see the first.
+    assert np.max(np.abs(unsegmented[:1, 3:] - out[:1, 3:])) > 1e-4
+
+
+def test_left_padding_matches_unpadded(gpt2ish):
+    # Two rows, left-padded by 3 and by 1 (different pad tokens); positions count from the first
+    # real token. The real positions get exactly the logits of the unpadded sequences.
+    model = gpt2ish
+    real = [tokens_for(model, B=1, T=5, seed=6), tokens_for(model, B=1, T=7, seed=7)]
+    pads = [3, 1]
+    padded = jnp.concatenate(
+        [jnp.concatenate([jnp.full((1, p), fill, jnp.int32), r], axis=1) for p, r, fill in zip(pads, real, (0, 9))]
+    )
+    valid = jnp.arange(T)[None] >= jnp.array(pads)[:, None]
+    positions = jnp.maximum(jnp.arange(T)[None] - jnp.array(pads)[:, None], 0)
+    out = np.asarray(run(model, padded, positions, None, valid))
+    assert np.all(np.isfinite(out))
+    for row, (p, ref) in enumerate(zip(pads, alone(model, real))):
+        np.testing.assert_allclose(out[row : row + 1, p:], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_hides_keys(tiny):
+    # A key marked invalid in the middle of the sequence is ignored by every later query: changing
+    # its token changes nothing after it (nor, by causality, before it).
+    tokens = tokens_for(tiny, seed=8)
+    other = tokens.at[:, 2].set((tokens[:, 2] + 5) % 64)
+    valid = jnp.array([[True, True, False] + [True] * (T - 3)] * 2)
+    a = np.asarray(run(tiny, tokens, padding_mask=valid))
+    b = np.asarray(run(tiny, other, padding_mask=valid))
+    np.testing.assert_allclose(a[:, 3:], b[:, 3:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(a[:, :2], b[:, :2], rtol=1e-6, atol=1e-6)
+    # Without the mask the change at position 2 does propagate.
+    assert np.max(np.abs(np.asarray(run(tiny, tokens))[:, 3:] - np.asarray(run(tiny, other))[:, 3:])) > 1e-4

@@ -1,0 +1,94 @@
+"""LayerNorm and RMSNorm against float64 formulas (course Chapter 8, Part 3)."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from tfd_jax import ops
+
+
+def _fast_compile_options():
+    """XLA options that make tiny test programs compile several times faster on CPU (their run
+    time is negligible either way): no backend optimisation, classic emitters. Only the options
+    this XLA knows are used."""
+    usable = {}
+    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
+            usable[name] = value
+        except Exception:  # an XLA without this option
+            pass
+    return usable
+
+
+FAST = _fast_compile_options()
+layer_norm = jax.jit(ops.layer_norm, compiler_options=FAST)
+rms_norm = jax.jit(ops.rms_norm, compiler_options=FAST)
+
+
+def np_layer_norm(x, scale=None, bias=None, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    M = x.shape[-1]
+    mean = x.sum(-1, keepdims=True) / M
+    var = ((x - mean) ** 2).sum(-1, keepdims=True) / M  # population variance
+    y = (x - mean) / np.sqrt(var + eps)  # eps inside the square root
+    if scale is not None:
+        y = y * np.asarray(scale, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
+
+
+def np_rms_norm(x, scale=None, eps=1e-6):
+    x = np.asarray(x, np.float64)
+    y = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps)
+    return y if scale is None else y * np.asarray(scale, np.float64)
+
+
+def test_layer_norm_course_example():
+    x = jnp.array([0.66, -0.49, 0.97, 0.47, -0.16, 0.71])
+    y = np.asarray(layer_norm(x, None, None))
+    # The course prints 3 decimal places.
+    np.testing.assert_allclose(y, [0.583, -1.651, 1.185, 0.214, -1.010, 0.680], atol=5e-4)
+    # Its intermediate figures (4 decimal places): mean 0.36, variance 0.2649 (population), std 0.5147.
+    xs = np.asarray(x, np.float64)
+    assert abs(xs.mean() - 0.36) < 5e-5 and abs(xs.var() - 0.2649) < 5e-5 and abs(xs.std() - 0.5147) < 5e-5
+    np.testing.assert_allclose(y, (xs - 0.36) / 0.5147, atol=5e-4)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_layer_norm_matches_formula(eps):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 10)) * 3 + 1
+    scale, bias = rng.standard_normal(10), rng.standard_normal(10)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    y = layer_norm(f32(x), f32(scale), f32(bias), eps)
+    assert y.dtype == jnp.float32 and y.shape == x.shape
+    # A large eps makes "inside the root" and "population variance" visible in the numbers.
+    np.testing.assert_allclose(np.asarray(y), np_layer_norm(np.asarray(f32(x)), f32(scale), f32(bias), eps), atol=2e-5)
+    plain = np.asarray(layer_norm(f32(x), None, None, eps))
+    np.testing.assert_allclose(plain, np_layer_norm(np.asarray(f32(x)), eps=eps), atol=2e-5)
+    if eps < 1e-3:
+        np.testing.assert_allclose(plain.mean(-1), 0, atol=1e-5)
+        np.testing.assert_allclose(plain.var(-1), 1, atol=1e-3)
+
+
+def test_layer_norm_bf16_input_computes_in_float32():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 16)) * 10 + 100, jnp.bfloat16)  # large mean: bf16 maths would fail
+    y = layer_norm(x, None, None)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np_layer_norm(np.asarray(x, np.float32)), atol=2e-2)
+
+
+def test_rms_norm_matches_formula():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    scale = rng.standard_normal(8).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(scale))), np_rms_norm(x, scale), atol=2e-5)
+    y = np.asarray(rms_norm(jnp.asarray(x), None))
+    np.testing.assert_allclose(y, np_rms_norm(x), atol=2e-5)
+    np.testing.assert_allclose((y.astype(np.float64) ** 2).mean(-1), 1.0, atol=1e-4)
+    # No centring: a constant row keeps its sign.
+    assert np.all(np.asarray(rms_norm(jnp.full((1, 4), -3.0), None)) < 0)
