@@ -33,6 +33,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=None, help="override the number of iterations")
     ap.add_argument("--eval-batches", type=int, default=100)
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -67,11 +68,13 @@ def main(argv=None) -> dict:
         sample_tokens=200,
         sample_prompts=("\n",),
         progress=args.progress,
+        seed=args.seed,
     )
     t0 = time.time()
     summary = train(cfg)
     result = {
         "config": args.config,
+        "seed": args.seed,
         "iters": iters,
         "val_loss": summary["val_loss"],
         "train_loss": summary["final_loss"],

@@ -415,3 +415,21 @@ def test_padding_mask_hides_keys(tiny):
     np.testing.assert_allclose(a[:, :2], b[:, :2], rtol=1e-6, atol=1e-6)
     # Without the mask the change at position 2 does propagate.
     assert np.max(np.abs(np.asarray(run(tiny, tokens))[:, 3:] - np.asarray(run(tiny, other))[:, 3:])) > 1e-4
+
+
+@pytest.mark.parametrize("policy", ["dots", "dots_no_batch"])
+def test_named_remat_policies_change_nothing(policy):
+    plain = shared("tiny")
+    remat = build_named("tiny", remat=policy)
+    assert remat.config.remat_policy == policy
+    tokens = tokens_for(plain, T=T + 1)
+    (l1, logits1), g1 = jit_apply(_loss_and_grads, plain, tokens)
+    (l2, logits2), g2 = jit_apply(_loss_and_grads, remat, tokens)
+    np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits2), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="remat must be"):
+        GPTConfig.preset("tiny", remat="everything")

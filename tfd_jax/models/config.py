@@ -16,6 +16,14 @@ from tfd_jax.ops.feedforward import ACTIVATIONS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# Activation checkpointing (Chapter 15) by name: what each block keeps from its forward pass.
+REMAT_POLICIES = {
+    "none": None,  # keep everything (no recomputation)
+    "full": "nothing_saveable",  # keep only the block inputs, recompute the rest
+    "dots": "checkpoint_dots",  # keep matmul outputs, recompute the cheap elementwise ops
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # keep weight matmuls, recompute attention
+}
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -51,7 +59,7 @@ class GPTConfig:
     attention_impl: str = "reference"  # "reference" | "xla" | "cudnn"
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: bool | str = False  # activation checkpointing: False/"none", True/"full", "dots", "dots_no_batch"
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -80,6 +88,10 @@ class GPTConfig:
                 f"attention_impl must be 'reference', 'xla', 'cudnn' or 'auto', got {self.attention_impl!r}",
             ),
             (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
+            (
+                self.remat in (True, False) or self.remat in REMAT_POLICIES,
+                f"remat must be True/False or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -96,6 +108,15 @@ class GPTConfig:
     @property
     def params_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    @property
+    def remat_policy(self) -> str:
+        """The remat setting as a name from ``REMAT_POLICIES``."""
+        if self.remat is True:
+            return "full"
+        if self.remat is False:
+            return "none"
+        return self.remat
 
     def replace(self, **changes: Any) -> "GPTConfig":
         return dataclasses.replace(self, **changes)

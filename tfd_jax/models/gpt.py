@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfd_jax import ops
-from tfd_jax.models.config import GPTConfig
+from tfd_jax.models.config import REMAT_POLICIES, GPTConfig
 from tfd_jax.nn import Block, Dropout, Embed, Linear, make_norm, normal_init, xavier_init
 
 
@@ -139,9 +139,11 @@ class GPT(nnx.Module):
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if padding_mask is not None:
             mask = mask & ops.padding_mask(padding_mask)
+        policy = self.config.remat_policy
         for block in self.blocks:
-            if self.config.remat:
-                x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions))(block, x)
+            if policy != "none":
+                saveable = getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
+                x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions), policy=saveable)(block, x)
             else:
                 x = block(x, mask=mask, positions=positions)
         return self.logits(x)

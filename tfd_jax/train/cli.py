@@ -42,7 +42,14 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU/TPU, fp32 on CPU")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (Chapter 15)")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default=None,
+        choices=["none", "full", "dots", "dots_no_batch"],
+        help="recompute activations in the backward pass (Chapter 15); a policy name says what to keep",
+    )
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
@@ -66,7 +73,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     if args.remat:
-        overrides["remat"] = True
+        overrides["remat"] = args.remat
     if args.attention:
         overrides["attention_impl"] = args.attention
     optim = dataclasses.replace(
