@@ -4,6 +4,10 @@ The flag must be set before JAX initialises its backends, which is why it lives 
 fixture.
 """
 import os
+import sys
+
+# Shared test helpers (tests/fastjit.py) import as top-level modules.
+sys.path.insert(0, os.path.dirname(__file__))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")

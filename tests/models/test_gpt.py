@@ -11,25 +11,9 @@ from flax import nnx
 
 from tfd_jax import ops
 from tfd_jax.models import GPT, GPTConfig, count_params
+from fastjit import FAST
 
 T = 8
-
-
-def _fast_compile_options():
-    """XLA options that make tiny test programs compile several times faster on CPU (their run
-    time is negligible either way): no backend optimisation, classic emitters. Only the options
-    this XLA knows are used."""
-    usable = {}
-    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
-            usable[name] = value
-        except Exception:  # an XLA without this option
-            pass
-    return usable
-
-
-FAST = _fast_compile_options()
 
 
 # Everything below runs compiled: one program per model and shape, rather than one per primitive.

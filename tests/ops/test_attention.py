@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from tfd_jax import ops
+from fastjit import FAST
 
 ATOL = RTOL = 2e-5
 
@@ -59,21 +60,6 @@ def qkv(seed, B=2, T=5, S=5, H=2, D=4):
     return q, k, v
 
 
-def _fast_compile_options():
-    """XLA options that make tiny test programs compile several times faster on CPU (their run
-    time is negligible either way): no backend optimisation, classic emitters. Only the options
-    this XLA knows are used."""
-    usable = {}
-    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
-            usable[name] = value
-        except Exception:  # an XLA without this option
-            pass
-    return usable
-
-
-FAST = _fast_compile_options()
 # One compiled program per shape instead of one per primitive.
 attention = jax.jit(ops.attention, static_argnames="impl", compiler_options=FAST)
 attention_weights = jax.jit(ops.attention_weights, compiler_options=FAST)

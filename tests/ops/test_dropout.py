@@ -6,23 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from tfd_jax import ops
+from fastjit import FAST
 
 
-def _fast_compile_options():
-    """XLA options that make tiny test programs compile several times faster on CPU (their run
-    time is negligible either way): no backend optimisation, classic emitters. Only the options
-    this XLA knows are used."""
-    usable = {}
-    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
-            usable[name] = value
-        except Exception:  # an XLA without this option
-            pass
-    return usable
-
-
-FAST = _fast_compile_options()
 dropout = jax.jit(ops.dropout, static_argnames=("rate", "deterministic"), compiler_options=FAST)
 
 

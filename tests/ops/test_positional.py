@@ -10,23 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from tfd_jax import ops
+from fastjit import FAST
 
 
-def _fast_compile_options():
-    """XLA options that make tiny test programs compile several times faster on CPU (their run
-    time is negligible either way): no backend optimisation, classic emitters. Only the options
-    this XLA knows are used."""
-    usable = {}
-    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
-            usable[name] = value
-        except Exception:  # an XLA without this option
-            pass
-    return usable
-
-
-FAST = _fast_compile_options()
 sinusoidal_positions = jax.jit(ops.sinusoidal_positions, static_argnums=(0, 1), compiler_options=FAST)
 rope = jax.jit(ops.apply_rope, compiler_options=FAST)
 
@@ -111,8 +97,6 @@ def test_apply_rope_matches_rotation():
 def test_apply_rope_keeps_bf16():
     x = jnp.ones((1, 2, 1, 4), jnp.bfloat16)
     assert rope(x, jnp.array([[0, 1]])).dtype == jnp.bfloat16
-
-
 
 
 @settings(max_examples=25, deadline=None)

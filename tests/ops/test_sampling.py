@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from tfd_jax import ops
+from fastjit import FAST
 
 V = 10
 # Rows of distinct logits (no ties, at least 0.1 apart), so "the k largest" and "the nucleus" are
@@ -38,21 +39,6 @@ def np_top_p_keep(probs, p):
     return keep
 
 
-def _fast_compile_options():
-    """XLA options that make tiny test programs compile several times faster on CPU (their run
-    time is negligible either way): no backend optimisation, classic emitters. Only the options
-    this XLA knows are used."""
-    usable = {}
-    for name, value in (("xla_backend_optimization_level", 0), ("xla_cpu_use_fusion_emitters", False)):
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={**usable, name: value}).lower(1.0).compile()
-            usable[name] = value
-        except Exception:  # an XLA without this option
-            pass
-    return usable
-
-
-FAST = _fast_compile_options()
 top_k = jax.jit(ops.top_k_filter, static_argnames="k", compiler_options=FAST)
 top_p = jax.jit(ops.top_p_filter, compiler_options=FAST)
 filter_logits = jax.jit(ops.filter_logits, static_argnames=("temperature", "top_k", "top_p"), compiler_options=FAST)
