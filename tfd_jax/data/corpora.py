@@ -267,27 +267,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 file's text, with clear errors for missing files and bad bytes."""
-    try:
-        from tfd_jax.tokenizers.base import read_text_file
-    except ImportError:  # pragma: no cover - the tokenizers package ships with this one
-        read_text_file = _read_text_file
+    from tfd_jax.tokenizers.base import read_text_file
+
     return read_text_file(path)
-
-
-def _read_text_file(path: str | os.PathLike) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no such file: {p}")
-    if p.is_dir():
-        raise ValueError(f"{p} is a directory; pass a text file")
-    data = p.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{p} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-            "convert it to UTF-8 first or leave it out of the corpus"
-        ) from None
 
 
 def _is_glob(spec: str) -> bool:
