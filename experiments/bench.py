@@ -209,10 +209,8 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
 
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     n_embed = cfg.vocab_size * cfg.d_model + (cfg.context_length * cfg.d_model if cfg.positions == "learned" else 0)
-    fpt = mx.flops_per_token(n_params - n_embed, cfg.num_layers, cfg.d_model, T)
+    fpt = mx.flops_per_token(mx.matmul_params(cfg), cfg.num_layers, cfg.d_model, T)  # the training loop's formula
     peak = mx.peak_flops_per_device(device)
-    # A tied output head is a matmul with the embedding table, which the formula leaves out with the table.
-    head_flops = 6.0 * cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0.0
     base = dict(base, attention_impl=cfg.attention_impl)
     compile_rec = dict(
         base, what="compile", first_step_s=first_step_s,
@@ -223,7 +221,7 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         base, what="train", steps=steps, ms_per_step=med * 1e3, ms_per_step_mean=statistics.mean(times) * 1e3,
         ms_per_step_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
         flops_per_token=fpt, peak_flops=peak,
-        mfu=mx.mfu(tps, fpt, 1, peak), mfu_incl_head=mx.mfu(tps, fpt + head_flops, 1, peak),
+        mfu=mx.mfu(tps, fpt, 1, peak),
         num_params=n_params, num_params_non_embedding=n_params - n_embed,
         loss_first=first_loss, loss_last=float(m["loss"]), recompiled_while_timing=recompiled,
         **_peak_memory_jax(device),

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         preset="tiny",
         model_overrides=dict(
             d_model=c["width"], num_heads=c["heads"], num_layers=c["layers"], context_length=c["block"],
-            dropout=c["dropout"], tie_embeddings=True,
+            dropout=c["dropout"], tie_embeddings=True, activation="gelu",  # nanoGPT's nn.GELU is the exact one
             # nanoGPT's bias=False: no biases in the linear layers or the LayerNorms
             qkv_bias=False, out_bias=False, ffn_bias=False, norm_bias=False,
         ),

@@ -238,3 +238,18 @@ def test_attention_shape_errors():
         ops.attention(q, k, v, mask=jnp.ones((3, 3), bool))
     with pytest.raises(ValueError, match="unknown attention impl"):
         ops.attention(q, k, v, impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_is_causal_flag_equals_the_explicit_causal_mask(impl):
+    q, k, v = qkv(11, T=6, S=6)
+    pad = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2])
+    explicit = ops.attention(q, k, v, mask=ops.combine_masks(ops.causal_mask(6), ops.padding_mask(pad)), impl="reference")
+    flagged = ops.attention(q, k, v, mask=ops.padding_mask(pad), is_causal=True, impl=impl)
+    np.testing.assert_allclose(np.asarray(flagged), np.asarray(explicit), rtol=1e-5, atol=1e-6)
+    q2, k2, v2 = qkv(12, T=3, S=6)  # T != S: the flag means causal_mask(T, S), as documented
+    np.testing.assert_allclose(
+        np.asarray(ops.attention(q2, k2, v2, is_causal=True, impl=impl)),
+        np.asarray(ops.attention(q2, k2, v2, mask=ops.causal_mask(3, 6), impl="reference")),
+        rtol=1e-5, atol=1e-6,
+    )

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from tfd_jax.models import GPT, GPTConfig
-from tfd_jax.train.metrics import flops_per_token, mfu, peak_flops_per_device
+from tfd_jax.train.metrics import flops_per_token, matmul_params, mfu, peak_flops_per_device
 from tfd_jax.train.optim import OptimConfig, decay_mask, lr_schedule, make_optimizer
 from tfd_jax.train.precision import all_finite, compute_dtype, update_loss_scale
 from tfd_jax.train.step import split_model
@@ -85,9 +85,12 @@ def test_dynamic_loss_scale():
 
 
 def test_mfu_formula():
-    # GPT-2 small at T=1024: 6N + 6 L M T with N = 85M non-embedding parameters.
+    # GPT-2 small at T=1024: 6N + 6 L M T, N = 124.4M parameters less the 1024 x 768 position table
+    # (the tied token table is the output head's matrix, so it counts).
     cfg = GPTConfig.preset("gpt2")
-    n = cfg.num_params(include_embeddings=False)
+    n = matmul_params(cfg)
+    assert n == 124_439_808 - 1024 * 768
+    assert matmul_params(cfg.replace(tie_embeddings=False)) == n  # the head matrix counts, the input table not
     fpt = flops_per_token(n, 12, 768, 1024)
     assert fpt == 6 * n + 6 * 12 * 768 * 1024
     assert mfu(1000.0, fpt, 1, 1e12) == pytest.approx(1000.0 * fpt / 1e12)

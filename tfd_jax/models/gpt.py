@@ -31,7 +31,7 @@ class GPT(nnx.Module):
         dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
         self.tok_embed = Embed(cfg.vocab_size, cfg.d_model, init=embed_init, rngs=rngs, **dt)
         if cfg.positions == "learned":
-            self.pos_embed = Embed(cfg.context_length, cfg.d_model, init=normal_init(0.01), rngs=rngs, **dt)
+            self.pos_embed = Embed(cfg.context_length, cfg.d_model, init=normal_init(0.02), rngs=rngs, **dt)
         else:
             self.pos_embed = None
         self.embed_drop = Dropout(cfg.embed_dropout, rngs=rngs)
@@ -134,18 +134,21 @@ class GPT(nnx.Module):
         B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        mask = ops.causal_mask(T)
+        # Causality is passed as a flag (fused kernels then skip the masked half); only packing and
+        # padding need an explicit mask on top of it.
+        mask = None
         if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
         if padding_mask is not None:
-            mask = mask & ops.padding_mask(padding_mask)
+            mask = ops.combine_masks(mask, ops.padding_mask(padding_mask))
         policy = self.config.remat_policy
         for block in self.blocks:
             if policy != "none":
                 saveable = getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
-                x = nnx.remat(lambda blk, h: blk(h, mask=mask, positions=positions), policy=saveable)(block, x)
+                call = nnx.remat(lambda blk, h: blk(h, mask=mask, is_causal=True, positions=positions), policy=saveable)
+                x = call(block, x)
             else:
-                x = block(x, mask=mask, positions=positions)
+                x = block(x, mask=mask, is_causal=True, positions=positions)
         return self.logits(x)
 
 

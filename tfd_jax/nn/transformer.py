@@ -70,12 +70,14 @@ class MultiHeadAttention(nnx.Module):
         x: jax.Array,
         *,
         mask: jax.Array | None = None,
+        is_causal: bool = False,
         context: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
-        """x: ``[B, T, M]``; mask: bool broadcastable to ``[B, H, T, S]``. Returns ``[B, T, M]``."""
+        """x: ``[B, T, M]``; mask: bool broadcastable to ``[B, H, T, S]``; ``is_causal`` adds the causal
+        mask (see ``ops.attention``). Returns ``[B, T, M]``."""
         q, k, v = self.project(x, context, positions)
-        return self.output(ops.attention(q, k, v, mask=mask, impl=self.impl))
+        return self.output(ops.attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl))
 
     def output(self, heads: jax.Array) -> jax.Array:
         """Concatenate the heads and apply W_O: ``[B, T, H, D]`` -> ``[B, T, M]``."""
@@ -182,14 +184,16 @@ class Block(nnx.Module):
         self.drop2 = Dropout(cfg.dropout, rngs=rngs)
         self.pre_norm = cfg.norm_position == "pre"
 
-    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False, positions: jax.Array | None = None
+    ) -> jax.Array:
         """x: ``[B, T, M]`` -> ``[B, T, M]``."""
-        return self.feed_forward(self.attend(x, mask=mask, positions=positions))
+        return self.feed_forward(self.attend(x, mask=mask, is_causal=is_causal, positions=positions))
 
-    def attend(self, x: jax.Array, *, mask=None, positions=None, attn_fn=None) -> jax.Array:
+    def attend(self, x: jax.Array, *, mask=None, is_causal=False, positions=None, attn_fn=None) -> jax.Array:
         """The attention sub-layer with its residual (and norm). ``attn_fn`` replaces the attention
         call (the KV-cache decoder passes one); it takes the normalised input."""
-        attn_fn = attn_fn or (lambda h: self.attn(h, mask=mask, positions=positions))
+        attn_fn = attn_fn or (lambda h: self.attn(h, mask=mask, is_causal=is_causal, positions=positions))
         if self.pre_norm:
             return x + self.drop1(attn_fn(self.ln1(x))).astype(x.dtype)
         return self.ln1(x + self.drop1(attn_fn(x)).astype(x.dtype))

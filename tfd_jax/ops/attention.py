@@ -134,6 +134,7 @@ def attention(
     v: jax.Array,
     *,
     mask: jax.Array | None = None,
+    is_causal: bool = False,
     impl: AttentionImpl = "reference",
 ) -> jax.Array:
     """Scaled dot-product attention, ``softmax(Q K^T / sqrt(D)) V`` (Chapter 5; mask from Chapter 12).
@@ -142,6 +143,9 @@ def attention(
       q: ``[B, T, H, D]`` queries.
       k, v: ``[B, S, H, D]`` keys and values (``S`` may differ from ``T``: cross-attention, KV cache).
       mask: optional bool, broadcastable to ``[B, H, T, S]``; True = may attend.
+      is_causal: also apply the causal mask ``causal_mask(T, S)`` (query t sees keys <= t). Saying
+        so, rather than passing that mask, lets fused kernels (cuDNN) skip the masked half of the
+        work instead of reading a ``[B, H, T, S]`` mask.
       impl: ``"reference"`` is the readable einsum version (softmax in float32);
         ``"xla"`` calls ``jax.nn.dot_product_attention``; ``"cudnn"`` asks it for cuDNN's fused
         flash attention (NVIDIA GPUs, bf16/fp16) and falls back to ``"xla"`` with a warning where
@@ -151,6 +155,8 @@ def attention(
       ``[B, T, H, D]`` in the dtype of ``q``.
     """
     _check_shapes(q, k, v, mask)
+    if is_causal and impl == "reference":
+        mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]))
     if impl == "reference":
         w = attention_weights(q, k, mask)
         out = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -160,15 +166,19 @@ def attention(
     if mask is not None:
         B, T, H, _ = q.shape
         mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
+    if is_causal and q.shape[1] != k.shape[1]:
+        # jax.nn.dot_product_attention aligns its causal mask differently when T != S; be explicit.
+        mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]))
+        is_causal = False
     half = q.dtype in (jnp.bfloat16, jnp.float16)
     if impl == "auto":
         impl = "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
     if impl == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
         except Exception as e:  # cuDNN refuses at trace time: unsupported device, dtype or shape
             _warn_fallback(e)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
 
 
 _warned: set[str] = set()

@@ -283,7 +283,7 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     )
     eval_fn = jax.jit(make_eval_step(graphdef, rest), in_shardings=(state_sh["params"], shd.batch_sharding(mesh)))
 
-    fpt = mx.flops_per_token(n_params - n_embed, model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
+    fpt = mx.flops_per_token(mx.matmul_params(model_cfg), model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
     peak = mx.peak_flops_per_device()
     metrics_log = mx.MetricsLog(out, resume_step=start_step if cfg.resume else None)
     log(

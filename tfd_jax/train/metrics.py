@@ -1,10 +1,14 @@
 """Training metrics: JSONL log, optional TensorBoard, the loss plot, and model FLOPs utilisation.
 
 MFU (model FLOPs utilisation) is the fraction of the hardware's peak that the model's own
-arithmetic uses. We count, per trained token, ``6 N + 6 L M T`` FLOPs: ``6 N`` for the forward and
-backward matmuls over the ``N`` non-embedding parameters (2 for forward, 4 for backward) and
-``6 L M T`` for attention's score and weighted-sum matmuls over a context of ``T`` (the PaLM
-appendix formula with the causal half not discounted, as nanoGPT reports it).
+arithmetic uses. We count, per trained token, ``6 N + 6 L M T`` FLOPs:
+
+* ``6 N``: each of the ``N`` parameters that take part in a matrix product costs 2 FLOPs forward and
+  4 backward. ``N`` (:func:`matmul_params`) is every parameter except the position table and, for an
+  untied model, the input embedding table (lookups, not products); a tied table is the output
+  head's matrix, so it counts (nanoGPT's convention).
+* ``6 L M T``: attention's two ``T x T`` products per layer, 12 L M T forward and backward for full
+  attention, halved because a causal mask leaves half the scores unused.
 """
 from __future__ import annotations
 
@@ -47,9 +51,19 @@ def peak_flops_per_device(device=None) -> float | None:
     return None
 
 
-def flops_per_token(num_params_non_embedding: int, num_layers: int, d_model: int, seq_len: int) -> float:
+def matmul_params(cfg) -> int:
+    """``N`` of the MFU formula for a ``GPTConfig`` (see the module docstring)."""
+    n = cfg.num_params()
+    if cfg.positions == "learned":
+        n -= cfg.context_length * cfg.d_model
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.d_model
+    return n
+
+
+def flops_per_token(num_matmul_params: int, num_layers: int, d_model: int, seq_len: int) -> float:
     """``6 N + 6 L M T`` training FLOPs per token (see the module docstring)."""
-    return 6.0 * num_params_non_embedding + 6.0 * num_layers * d_model * seq_len
+    return 6.0 * num_matmul_params + 6.0 * num_layers * d_model * seq_len
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: float | None) -> float | None:
