@@ -246,11 +246,14 @@ def _device_name(device) -> str:
 
 
 def flops_per_token(cfg: dict, seq_len: int) -> tuple[float, int, int]:
-    """tfd_jax's MFU count, ``6 N + 6 L M T`` with N the parameters outside the embedding tables."""
+    """tfd_jax's MFU count (``tfd_jax.train.metrics``), ``6 N + 6 L M T`` with N the parameters that
+    take part in matrix products: all but the position table and, when untied, the input table."""
     M, L, V, C = cfg["d_model"], cfg["num_layers"], cfg["vocab_size"], cfg["context_length"]
     n_total = _count_params(cfg)
-    n_embed = V * M + (C * M if cfg.get("positions", "learned") == "learned" else 0)
-    return 6.0 * (n_total - n_embed) + 6.0 * L * M * seq_len, n_total, n_total - n_embed
+    n_lookup = (C * M if cfg.get("positions", "learned") == "learned" else 0)
+    if not cfg.get("tie_embeddings", True):
+        n_lookup += V * M
+    return 6.0 * (n_total - n_lookup) + 6.0 * L * M * seq_len, n_total, n_total - n_lookup
 
 
 def _count_params(cfg: dict) -> int:
