@@ -367,7 +367,11 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan", tok_s=f"{tps or 0:,.0f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"]:
-                checkpointer.save(step, state, _iterator_save(data_it), force=True)
+                if int(state_counts["nonfinite_streak"]) > 0:
+                    # Mid-streak the newest checkpoint stays the one from before the trouble began.
+                    log(f"step {step}: checkpoint skipped during a run of non-finite steps")
+                else:
+                    checkpointer.save(step, state, _iterator_save(data_it), force=True)
             if stop["signal"]:
                 checkpointer.wait()
                 log(f"received signal {stop['signal']}: saved step {step} to {out / ckpt.CHECKPOINT_DIR}; resume with --resume")
