@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,13 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; has the run saved one yet?")
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)),
-    )
+    with warnings.catch_warnings():
+        # Only the parameters are restored, onto one device; orbax notes it read their layout from disk.
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
+        restored = mngr.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)),
+        )
     mngr.close()
     params = restored["state"]["params"]
     model = nnx.merge(graphdef, params, rest)
