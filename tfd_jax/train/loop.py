@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +306,8 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     pending = []  # (step, device metrics) not yet pulled to the host
     t_start = time.perf_counter()
     profiling = False
+    # Made once, so the loop sends nothing but the batch to the devices.
+    poison_one, poison_nan = jax.device_put(jnp.float32(1.0), rep), jax.device_put(jnp.float32(np.nan), rep)
     val_loss = None
     try:
         while step < cfg.steps:
@@ -314,8 +316,7 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
                 profiling = True
             local = next(data_it)
             batch = shd.global_batch(local, mesh)
-            poison = jnp.float32(np.nan if (step + 1) in cfg.debug_nan_steps else 1.0)
-            state, m = step_fn(state, batch, poison)
+            state, m = step_fn(state, batch, poison_nan if (step + 1) in cfg.debug_nan_steps else poison_one)
             step += 1
             pending.append((step, m))
             if profiling and (step >= start_step + 2 + cfg.profile_steps or step == cfg.steps):
@@ -417,8 +418,7 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
 
 
 def threading_main() -> bool:
-    import threading
-
+    """Signal handlers can only be installed from the main thread."""
     return threading.current_thread() is threading.main_thread()
 
 
@@ -515,5 +515,5 @@ def print_samples(model, tokenizer, cfg: TrainConfig, log) -> list[str]:
 
 
 def summary_json(summary: dict) -> str:
-    clean = {k: v for k, v in summary.items() if not k.startswith("_") and k != "samples"}
-    return json.dumps(clean, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+    """The run summary as one JSON line (samples were already printed)."""
+    return json.dumps({k: v for k, v in summary.items() if k != "samples"}, default=str)
