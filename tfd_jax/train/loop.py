@@ -306,8 +306,9 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     pending = []  # (step, device metrics) not yet pulled to the host
     t_start = time.perf_counter()
     profiling = False
-    # Made once, so the loop sends nothing but the batch to the devices.
-    poison_one, poison_nan = jax.device_put(jnp.float32(1.0), rep), jax.device_put(jnp.float32(np.nan), rep)
+    # Made once on the devices, so the loop sends nothing but the batch. (Made by a jitted function:
+    # device_put checks that every process passes equal values, and NaN never equals itself.)
+    poison_one, poison_nan = jax.jit(lambda: (jnp.float32(1.0), jnp.float32(jnp.nan)), out_shardings=(rep, rep))()
     val_loss = None
     try:
         while step < cfg.steps:
