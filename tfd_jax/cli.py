@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tfd_jax.runtime import set_default_xla_flags
+
+    set_default_xla_flags()  # XLA reads XLA_FLAGS once, when JAX starts its first backend
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
