@@ -11,6 +11,7 @@ from flax import nnx
 
 from tfd_jax import ops
 from tfd_jax.models import GPT, GPTConfig, count_params
+from tfd_jax.nn import layers
 from fastjit import FAST
 
 T = 8
@@ -417,3 +418,101 @@ def test_named_remat_policies_change_nothing(policy):
 def test_unknown_remat_policy_is_refused():
     with pytest.raises(ValueError, match="remat must be"):
         GPTConfig.preset("tiny", remat="everything")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_output_head_gives_the_same_logits_and_gradients(tie):
+    """vocab_pad_multiple pads the head's matmul only: logits and gradients are unchanged."""
+    cfg = GPTConfig.preset("tiny", vocab_size=301, tie_embeddings=tie, vocab_pad_multiple=1)
+    assert 4 * cfg.context_length >= layers.PAD_MIN_ROWS  # enough rows for the padding to apply
+    tokens = jax.random.randint(jax.random.key(3), (4, cfg.context_length), 0, cfg.vocab_size)
+
+    def loss_and_grads(c):
+        model = GPT(c, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def f(p):
+            logits = nnx.merge(graphdef, p)(tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
+        (loss, logits), g = jax.value_and_grad(f, has_aux=True)(params)
+        return logits, g
+
+    plain_logits, plain_g = loss_and_grads(cfg)
+    padded_logits, padded_g = loss_and_grads(cfg.replace(vocab_pad_multiple=128))
+    assert padded_logits.shape == tokens.shape + (301,)
+    np.testing.assert_allclose(padded_logits, plain_logits, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(padded_g), jax.tree.leaves(plain_g)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_vocab_pad_multiple_is_validated():
+    with pytest.raises(ValueError, match="vocab_pad_multiple"):
+        GPTConfig.preset("tiny", vocab_pad_multiple=-1)
+
+
+def test_output_head_matches_float64_and_its_gradient_in_bf16():
+    """head_matmul: float32 logits from bf16 inputs; its backward multiplies in bf16 (rounded
+    cotangent) and still matches the float64 gradients to bf16 accuracy, padded or not."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    w = (rng.normal(size=(77, 32)) * 0.1).astype(np.float32)
+    g = rng.normal(size=(600, 77)).astype(np.float32)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    for pad in (1, 64):
+        out, vjp = jax.vjp(lambda a, b: layers.head_matmul(a, b, "vm", jnp.bfloat16, pad), jnp.asarray(x), jnp.asarray(w))
+        assert out.dtype == jnp.float32 and out.shape == (600, 77)
+        np.testing.assert_allclose(out, want, rtol=0.05, atol=0.05)
+        dx, dw = vjp(jnp.asarray(g))
+        assert dx.dtype == jnp.float32 and dw.dtype == jnp.float32  # cotangents in the inputs' dtypes
+        for got, ref in ((dx, g.astype(np.float64) @ w), (dw, g.T.astype(np.float64) @ x)):
+            rel = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+            assert rel < 1e-2, rel
+        # "mv" layout (an untied head's [M, V] kernel) gives the same numbers
+        out_mv = layers.head_matmul(jnp.asarray(x), jnp.asarray(w.T), "mv", jnp.bfloat16, pad)
+        np.testing.assert_array_equal(out_mv, out)
+
+
+@pytest.mark.parametrize("tie,pad", [(True, 1), (True, 128), (False, 128)])
+def test_token_losses_equal_cross_entropy_of_the_logits_with_the_same_gradients(tie, pad):
+    """GPT.token_losses (fused head + loss, what training differentiates) == the two-step path."""
+    cfg = GPTConfig.preset("tiny", vocab_size=301, tie_embeddings=tie, vocab_pad_multiple=pad)
+    keys = jax.random.split(jax.random.key(5))
+    tokens = jax.random.randint(keys[0], (4, cfg.context_length), 0, cfg.vocab_size)
+    targets = jax.random.randint(keys[1], (4, cfg.context_length), 0, cfg.vocab_size)
+    weights = jnp.linspace(0.5, 1.5, tokens.size).reshape(tokens.shape)  # a non-uniform cotangent
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def fused(p):
+        return jnp.sum(nnx.merge(graphdef, p).token_losses(tokens, targets) * weights)
+
+    def plain(p):
+        return jnp.sum(ops.token_cross_entropy(nnx.merge(graphdef, p)(tokens), targets) * weights)
+
+    (lf, gf), (lp, gp) = jax.value_and_grad(fused)(params), jax.value_and_grad(plain)(params)
+    np.testing.assert_allclose(lf, lp, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_head_loss_in_bf16_matches_float64():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    w = (rng.normal(size=(77, 32)) * 0.3).astype(np.float32)
+    t = rng.integers(0, 77, size=600)
+    logits = x.astype(np.float64) @ w.T.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = lse - logits[np.arange(600), t]
+    p = np.exp(logits - lse[:, None])
+    p[np.arange(600), t] -= 1
+    for pad in (1, 64):
+        losses, vjp = jax.vjp(lambda a, b: layers.head_cross_entropy(a, b, "vm", jnp.bfloat16, jnp.asarray(t), pad),
+                              jnp.asarray(x), jnp.asarray(w))
+        assert losses.dtype == jnp.float32 and losses.shape == (600,)
+        np.testing.assert_allclose(losses, want, rtol=0.03, atol=0.03)
+        dx, dw = vjp(jnp.ones(600, jnp.float32))
+        for got, ref in ((dx, p @ w), (dw, p.T @ x)):
+            rel = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+            assert rel < 2e-2, rel

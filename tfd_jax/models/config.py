@@ -60,6 +60,10 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     remat: bool | str = False  # activation checkpointing: False/"none", True/"full", "dots", "dots_no_batch"
+    # The output head's matmul runs on a vocabulary padded with zero rows to a multiple of this
+    # (logits are cut back to vocab_size): matrix units need aligned shapes and GPT-2's 50,257 is
+    # odd. 0 = automatic: 128 on GPU/TPU, none on CPU. Parameters keep their true shape.
+    vocab_pad_multiple: int = 0
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -88,6 +92,10 @@ class GPTConfig:
                 f"attention_impl must be 'reference', 'xla', 'cudnn' or 'auto', got {self.attention_impl!r}",
             ),
             (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
+            (
+                isinstance(self.vocab_pad_multiple, int) and self.vocab_pad_multiple >= 0,
+                f"vocab_pad_multiple must be 0 (automatic) or a positive int, got {self.vocab_pad_multiple!r}",
+            ),
             (
                 self.remat in (True, False) or self.remat in REMAT_POLICIES,
                 f"remat must be True/False or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}",

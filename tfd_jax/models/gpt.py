@@ -13,6 +13,7 @@ from flax import nnx
 from tfd_jax import ops
 from tfd_jax.models.config import REMAT_POLICIES, GPTConfig
 from tfd_jax.nn import Block, Dropout, Embed, Linear, make_norm, normal_init, xavier_init
+from tfd_jax.nn.layers import head_cross_entropy, head_matmul
 
 
 class GPT(nnx.Module):
@@ -66,16 +67,39 @@ class GPT(nnx.Module):
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.lm_head is None:
-            return self.tok_embed.attend(h)
-        out = jnp.einsum(
-            "btm,mv->btv",
-            h.astype(self.config.compute_dtype),
-            self.lm_head.kernel[...].astype(self.config.compute_dtype),
-            preferred_element_type=jnp.float32,
-        )
+            return self.tok_embed.attend(h, pad_multiple=self._vocab_pad())
+        out = head_matmul(h, self.lm_head.kernel[...], "mv", self.config.compute_dtype, self._vocab_pad())
         if self.lm_head.bias is not None:
             out = out + self.lm_head.bias[...].astype(jnp.float32)
         return out
+
+    def _vocab_pad(self) -> int:
+        return self.config.vocab_pad_multiple or (1 if jax.default_backend() == "cpu" else 128)
+
+    def token_losses(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Next-token cross-entropy at every position, float32 ``[B, T]`` (Chapter 11).
+
+        Equal to ``ops.token_cross_entropy(self(tokens, ...), targets)``; the output head and the
+        loss run as one operation (``nn.layers.head_cross_entropy``), which is cheaper to
+        differentiate. Training calls this. ``targets``: int ``[B, T]``.
+        """
+        x, positions = self._embed_input(tokens, positions)
+        h = self.hidden_states(x, positions=positions, segment_ids=segment_ids)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        dtype, pad = self.config.compute_dtype, self._vocab_pad()
+        if self.lm_head is None:
+            return head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
+        if self.lm_head.bias is not None:  # a biased head is rare: plain path
+            return ops.token_cross_entropy(self.logits(h), targets)
+        return head_cross_entropy(h, self.lm_head.kernel[...], "mv", dtype, targets, pad)
 
     def check_input(self, tokens: jax.Array) -> None:
         """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""
@@ -110,12 +134,16 @@ class GPT(nnx.Module):
         Returns:
           float32 ``[B, T, V]``.
         """
+        x, positions = self._embed_input(tokens, positions)
+        return self.forward_embeddings(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+
+    def _embed_input(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Checked tokens -> (embeddings ``[B, T, M]``, positions ``[B, T]``, ``0..T-1`` by default)."""
         self.check_input(tokens)
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        x = self.embed(tokens, positions)
-        return self.forward_embeddings(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+        return self.embed(tokens, positions), positions
 
     def forward_embeddings(
         self,
@@ -131,6 +159,17 @@ class GPT(nnx.Module):
         show causality: logits at ``t`` have zero gradient with respect to ``x`` after ``t``).
         Arguments as in ``__call__``; ``positions`` only matter here for RoPE.
         """
+        return self.logits(self.hidden_states(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask))
+
+    def hidden_states(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """The blocks: ``x [B, T, M]`` (output of :meth:`embed`) -> ``[B, T, M]`` before the final norm."""
         B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -149,7 +188,7 @@ class GPT(nnx.Module):
                 x = call(block, x)
             else:
                 x = block(x, mask=mask, is_causal=True, positions=positions)
-        return self.logits(x)
+        return x
 
 
 def count_params(model: nnx.Module) -> int:

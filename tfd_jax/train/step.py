@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tfd_jax import ops
 from tfd_jax.train.precision import all_finite, initial_loss_scale, update_loss_scale
 
 
@@ -49,8 +48,9 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int, preci
 def batch_loss_sums(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens) for a batch dict with ``tokens``, ``targets``,
     ``mask`` (all ``[B, T]``) and optionally ``positions`` and ``segment_ids``."""
-    logits = model(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-    losses = ops.token_cross_entropy(logits, batch["targets"])
+    losses = model.token_losses(
+        batch["tokens"], batch["targets"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+    )
     mask = batch["mask"].astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
