@@ -58,30 +58,45 @@ def test_same_seed_same_batches_different_seed_different_batches():
     assert not np.array_equal(a, c)
 
 
+def test_random_windows_start_anywhere_inside_the_stream():
+    starts = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=1)])
+    windows = (N - T) // T
+    assert len(starts) == windows // B * B  # an "epoch" has as many windows as the "epochs" mode
+    assert starts.min() >= 0 and starts.max() + T + 1 <= N
+    assert len(set((starts % T).tolist())) > T // 2  # not on a grid: all sorts of offsets
+    # uniform: each quarter of the stream gets about a quarter of 20 epochs' windows
+    many = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=20)])
+    counts = np.histogram(many, bins=4, range=(0, N - T))[0] / len(many)
+    np.testing.assert_allclose(counts, 0.25, atol=0.04)
+    with pytest.raises(ValueError, match="sampling"):
+        _lm(sampling="grid")
+
+
 def test_one_epoch_visits_every_window_once_and_epochs_differ():
     windows = (N - T) // T  # 124
-    starts = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=1)])
+    starts = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=1, sampling="epochs")])
     assert len(starts) == windows // B * B
     assert len(set(starts.tolist())) == len(starts)
     assert len(set((starts % T).tolist())) == 1  # one offset per epoch, windows T apart
     assert starts.max() + T + 1 <= N
-    two = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=2)])
+    two = np.concatenate([b["tokens"][:, 0] for b in _lm(num_epochs=2, sampling="epochs")])
     assert len(two) == 2 * windows // B * B
     assert not np.array_equal(two[:windows - windows % B], two[windows:2 * windows - windows % B])
 
 
-def test_two_shards_are_disjoint_and_make_up_the_global_batch():
-    full, s0, s1 = _lm(batch_size=8), _lm(batch_size=8, shard_index=0, shard_count=2), _lm(
-        batch_size=8, shard_index=1, shard_count=2)
+@pytest.mark.parametrize("sampling", ["random", "epochs"])
+def test_two_shards_are_disjoint_and_make_up_the_global_batch(sampling):
+    kw = dict(batch_size=8, sampling=sampling)
+    full, s0, s1 = _lm(**kw), _lm(shard_index=0, shard_count=2, **kw), _lm(shard_index=1, shard_count=2, **kw)
     seen = []
     for _ in range(10):
         f, a, b = next(full), next(s0), next(s1)
         assert a["tokens"].shape == b["tokens"].shape == (4, T)
         np.testing.assert_array_equal(np.concatenate([a["tokens"], b["tokens"]]), f["tokens"])
-        starts_a, starts_b = set(a["tokens"][:, 0].tolist()), set(b["tokens"][:, 0].tolist())
-        assert not starts_a & starts_b
-        seen += [*starts_a, *starts_b]
-    assert len(seen) == len(set(seen)) == 80
+        seen += [*a["tokens"][:, 0].tolist(), *b["tokens"][:, 0].tolist()]
+    assert len(seen) == 80
+    if sampling == "epochs":  # within an epoch no window comes twice (random starts may repeat)
+        assert len(set(seen)) == 80
 
 
 def test_shards_default_to_jax_process_index_and_count():

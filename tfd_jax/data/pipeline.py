@@ -15,11 +15,18 @@ attention can be kept inside each document.
 
 Two ways to cut batches:
 
-* **windows** (:func:`make_lm_dataset`, nanoGPT style): the flat token stream is cut into windows of
-  ``T + 1`` tokens that overlap by one token (window ``i`` starts at ``offset + i * T``), so each
-  token is a target once per epoch. ``offset`` is drawn afresh each epoch from ``(seed, epoch)``
-  and the windows are shuffled (a different order each epoch). Inputs are ``window[:-1]``, targets
-  ``window[1:]``; targets may run across a document's end (the eos token sits there).
+* **windows** (:func:`make_lm_dataset`): windows of ``T + 1`` tokens from the flat token stream;
+  inputs are ``window[:-1]``, targets ``window[1:]``; targets may run across a document's end (the
+  eos token sits there). Two ways to place them:
+
+  - ``sampling="random"`` (the default; nanoGPT's): every window starts at its own uniformly random
+    position, a pure function of ``(seed, element index)``. A token is seen at many different
+    places in its context, which generalises a little better on small corpora.
+  - ``sampling="epochs"``: the stream is cut into windows that overlap by one token (window ``i``
+    starts at ``offset + i * T``), so each token is a target exactly once per epoch; ``offset`` is
+    drawn afresh each epoch from ``(seed, epoch)`` and the windows are shuffled.
+
+  Either way an "epoch" is ``(N - T) // T`` windows, about one pass over the tokens.
 * **packing** (:func:`make_packed_dataset`): documents, shuffled, are turned into (input, next
   token) pairs and concatenated into rows of ``T`` pairs; a document that does not fit is split
   and goes on in the next row. Since a pair never spans two documents, no target ever crosses a
@@ -78,6 +85,9 @@ IteratorSave = grain.checkpoint.CheckpointSave
 IteratorRestore = grain.checkpoint.CheckpointRestore
 
 Batch = dict[str, np.ndarray]
+
+#: how :func:`make_lm_dataset` places its windows (see the module docstring)
+SAMPLINGS = ("random", "epochs")
 
 
 # --- sharding --------------------------------------------------------------------------------
@@ -147,6 +157,28 @@ class _WindowStart:
     def __call__(self, index: int, window: int) -> int:
         epoch = index // self.windows_per_epoch
         return _epoch_offset(self.seed, epoch, self.max_offset) + int(window) * self.seq_len
+
+
+@dataclass(frozen=True)
+class _RandomStart:
+    """Global element index -> a window start drawn uniformly from ``0..max_start``."""
+
+    max_start: int
+    seed: int
+
+    def __call__(self, index: int, _window: int) -> int:
+        return _mix64(_mix64(self.seed) ^ index) % (self.max_start + 1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of ``x`` (cheap, stateless, reproducible)."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 @functools.lru_cache(maxsize=16)
@@ -259,8 +291,9 @@ def make_lm_dataset(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     num_workers: int = 0,
+    sampling: str = "random",
 ) -> grain.IterDataset:
-    """Batches of random windows from a flat token array (see the module docstring).
+    """Batches of windows from a flat token array (see the module docstring).
 
     Args:
       tokens: ``[N]`` ids, or a :class:`TokenFile`.
@@ -270,10 +303,14 @@ def make_lm_dataset(
       shard_index, shard_count: this process's slice (default: JAX's process index and count).
       num_epochs: passes over the windows; None repeats forever.
       num_workers: 0 builds batches in this process; more uses grain's multiprocessing prefetch.
+      sampling: ``"random"`` (uniform window starts, nanoGPT's) or ``"epochs"`` (each token once
+        per epoch).
 
     Returns:
       a grain ``IterDataset`` of dicts ``tokens``/``targets`` int32 ``[B, T]``, ``mask`` bool ``[B, T]``.
     """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown window sampling {sampling!r}; choose one of {SAMPLINGS}")
     tokens = _as_tokens(tokens)
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     rows = _per_shard_batch(batch_size, shard_count)
@@ -287,12 +324,18 @@ def make_lm_dataset(
             f"corpus has {n} tokens; one batch of {batch_size} windows of {seq_len}+1 tokens needs at "
             f"least {need} (batch_size+1)*seq_len; use a smaller --batch-size/--seq-len or more data"
         )
-    start = _WindowStart(windows, seq_len, max_offset=n - 1 - windows * seq_len, seed=seed)
+    if sampling == "random":
+        ds = grain.MapDataset.range(windows).repeat(num_epochs).map_with_index(_RandomStart(n - 1 - seq_len, seed))
+    else:
+        start = _WindowStart(windows, seq_len, max_offset=n - 1 - windows * seq_len, seed=seed)
+        ds = (
+            grain.MapDataset.range(windows)
+            .shuffle(seed=seed)
+            .repeat(num_epochs)  # each epoch is shuffled with a seed folded with the epoch number
+            .map_with_index(start)
+        )
     ds = (
-        grain.MapDataset.range(windows)
-        .shuffle(seed=seed)
-        .repeat(num_epochs)  # each epoch is shuffled with a seed folded with the epoch number
-        .map_with_index(start)
+        ds
         .batch(batch_size, drop_remainder=True)
         .map(_ReadWindows(tokens, seq_len, shard_index, rows))
         .to_iter_dataset(_read_options())
@@ -373,17 +416,19 @@ def make_iterator(
     shard_count: int | None = None,
     num_epochs: int | None = None,
     num_workers: int = 0,
+    sampling: str = "random",
 ) -> grain.DatasetIterator:
     """The training loop's entry point: an iterator of batch dicts (``next(it)``) with state.
 
     ``packing=True`` needs document boundaries, i.e. a :class:`TokenFile` (or ``(tokens,
-    offsets)``). See :func:`make_lm_dataset` for the other arguments.
+    offsets)``). ``sampling`` applies to windows only. See :func:`make_lm_dataset` for the other
+    arguments.
     """
-    make = make_packed_dataset if packing else make_lm_dataset
-    return iter(make(
-        data, batch_size=batch_size, seq_len=seq_len, seed=seed, shard_index=shard_index,
-        shard_count=shard_count, num_epochs=num_epochs, num_workers=num_workers,
-    ))
+    kw = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, shard_index=shard_index,
+              shard_count=shard_count, num_epochs=num_epochs, num_workers=num_workers)
+    if packing:
+        return iter(make_packed_dataset(data, **kw))
+    return iter(make_lm_dataset(data, sampling=sampling, **kw))
 
 
 # --- iterator state --------------------------------------------------------------------------

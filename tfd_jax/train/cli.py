@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU/TPU, fp32 on CPU")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--sampling", default=d.sampling, choices=["random", "epochs"],
+                   help="where training windows start: uniformly at random (nanoGPT's) or each token once per epoch")
     p.add_argument(
         "--remat",
         nargs="?",
@@ -97,6 +99,7 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         grad_accum=args.grad_accum,
+        sampling=args.sampling,
         optim=optim,
         precision=args.precision,
         mesh=args.mesh,

@@ -56,6 +56,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 16
     seq_len: int = 128
+    sampling: str = "random"  # where training windows start: "random" (nanoGPT's) or "epochs"
     grad_accum: int = 1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, b2=0.99))
     precision: str | None = None  # None: bf16 on GPU/TPU, fp32 on CPU
@@ -453,13 +454,14 @@ def _state_shardings(abstract_state, optimizer, p_sh, rep):
 def _train_iterator(cfg: TrainConfig, tokens):
     from tfd_jax.data.pipeline import make_iterator
 
-    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, sampling=cfg.sampling)
 
 
 def _val_iterator(cfg: TrainConfig, tokens):
     from tfd_jax.data.pipeline import make_iterator
 
-    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 12345)
+    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 12345,
+                         sampling=cfg.sampling)
 
 
 def _iterator_save(it):
