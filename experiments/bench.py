@@ -13,8 +13,10 @@ Every measurement is one JSON object on its own line, with ``impl`` ("tfd_jax" o
   the torch run so both measure the same thing);
 * ``compile``: trace, lowering and XLA compile seconds of the training step (torch: the first
   step, which includes ``torch.compile``);
-* ``train``: median ms per step over ``--steps`` timed steps after warm-up (each step waited for),
-  tokens/s = B x T / median, MFU with the training loop's formula (``6 N + 6 L M T`` FLOPs per token
+* ``train``: ms per step over ``--steps`` steps run back to back after warm-up (the next step is
+  dispatched while the device still runs the last one, as in training; the headline figure),
+  tokens/s = B x T / that, ``ms_per_step_sync`` the median when every step is waited for (adds the
+  host's dispatch time), MFU with the training loop's formula (``6 N + 6 L M T`` FLOPs per token
   over the device's peak from ``tfd_jax.train.metrics``; empty on CPUs), peak memory (device
   allocator on GPU, process RSS on CPU);
 * ``decode``: greedy decoding tokens/s at batch 1 and 16 (``tfd_jax.decode.generate`` after a
@@ -98,6 +100,8 @@ def resolve_setup(args, backend: str) -> dict:
     B = args.batch_size or p["batch_size"]
     overrides = dict(p["overrides"])
     overrides.update(dtype={"fp32": "float32", "bf16": "bfloat16"}[precision], attention_impl=attention)
+    if args.vocab_pad_multiple is not None:
+        overrides["vocab_pad_multiple"] = args.vocab_pad_multiple
     cfg = GPTConfig.preset(p["preset"], **overrides)
     if T > cfg.context_length:
         cfg = cfg.replace(context_length=T)
@@ -107,7 +111,7 @@ def resolve_setup(args, backend: str) -> dict:
     return dict(
         preset=preset_name, backend=backend, model=cfg.to_dict(), batch_size=B, seq_len=T, precision=precision,
         attention_impl=attention, optim=optim, steps=args.steps, warmup=args.warmup, seed=args.seed,
-        decode=args.decode, decode_batches=[int(b) for b in args.decode_batches.split(",") if b],
+        train=args.train, decode=args.decode, decode_attention_impl=args.decode_attention_impl, decode_batches=[int(b) for b in args.decode_batches.split(",") if b],
         prompt_len=prompt_len, new_tokens=new_tokens, cpus=args.cpus,
     )
 
@@ -128,6 +132,30 @@ def _peak_memory_jax(device) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def build_train_step(setup: dict, cfg=None):
+    """(model, state, jitted donated step, batch) for the setup: the library's optimizer, state and
+    step (``make_optimizer``, ``init_state``, ``make_train_step``) on fixed random tokens."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from tfd_jax.models import GPT, GPTConfig
+    from tfd_jax.train.optim import OptimConfig, make_optimizer
+    from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
+
+    cfg = cfg or GPTConfig.from_dict(setup["model"])
+    B, T, precision, seed = setup["batch_size"], setup["seq_len"], setup["precision"], setup["seed"]
+    rows = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T + 1), dtype=np.int32)
+    batch = jax.device_put({"tokens": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((B, T), bool)})
+    model = GPT(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    graphdef, params, rest = split_model(model)
+    optimizer, schedule = make_optimizer(OptimConfig(**setup["optim"]), setup["steps"] + setup["warmup"] + 1)
+    state = jax.jit(lambda p: init_state(p, optimizer, seed, precision))(params)
+    tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
+    step = make_train_step(graphdef, rest, optimizer, schedule, dropout_tags=tags, fp16=precision == "fp16")
+    return model, state, jax.jit(step, donate_argnums=0), batch
+
+
 def bench_tfd_jax(setup: dict) -> list[dict]:
     """Compile, time the training step and decode with tfd_jax; returns (and prints) the records."""
     import jax
@@ -137,8 +165,6 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
 
     from tfd_jax.models import GPT, GPTConfig
     from tfd_jax.train import metrics as mx
-    from tfd_jax.train.optim import OptimConfig, make_optimizer
-    from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
 
     device = jax.devices()[0]
     cfg = GPTConfig.from_dict(setup["model"])
@@ -157,87 +183,85 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
             durations[key] = durations.get(key, 0.0) + duration
 
     jax.monitoring.register_event_duration_secs_listener(listen)
-
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, cfg.vocab_size, size=(B, T + 1), dtype=np.int32)
-    batch = jax.device_put({"tokens": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((B, T), bool)})
     poison = jnp.float32(1.0)
 
     def build(cfg):
-        model = GPT(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-        graphdef, params, rest = split_model(model)
-        optimizer, schedule = make_optimizer(OptimConfig(**setup["optim"]), steps + warmup + 1)
-        state = jax.jit(lambda p: init_state(p, optimizer, seed, precision))(params)
-        tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
-        step = make_train_step(graphdef, rest, optimizer, schedule, dropout_tags=tags, fp16=precision == "fp16")
-        return model, state, jax.jit(step, donate_argnums=0)
+        model, state, step_fn, _ = build_train_step(setup, cfg)
+        return model, state, step_fn
 
-    notes = []
-    model, state, step_fn = build(cfg)
-    durations.clear()
-    t0 = time.perf_counter()
-    try:
-        state, m = step_fn(state, batch, poison)
-        jax.block_until_ready(m)
-    except Exception as e:
-        if cfg.attention_impl != "cudnn":
-            raise
-        notes.append(f"attention_impl='cudnn' failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using 'xla'")
-        cfg = cfg.replace(attention_impl="xla")
-        model, state, step_fn = build(cfg)
+    if setup["train"]:
+        notes = []
+        model, state, step_fn, batch = build_train_step(setup, cfg)
         durations.clear()
         t0 = time.perf_counter()
-        state, m = step_fn(state, batch, poison)
-        jax.block_until_ready(m)
-    first_step_s = time.perf_counter() - t0
-    first_loss = float(m["loss"])
-    compile_durations = dict(durations)
+        try:
+            state, m = step_fn(state, batch, poison)
+            jax.block_until_ready(m)
+        except Exception as e:
+            if cfg.attention_impl != "cudnn":
+                raise
+            notes.append(f"attention_impl='cudnn' failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); using 'xla'")
+            cfg = cfg.replace(attention_impl="xla")
+            model, state, step_fn = build(cfg)
+            durations.clear()
+            t0 = time.perf_counter()
+            state, m = step_fn(state, batch, poison)
+            jax.block_until_ready(m)
+        first_step_s = time.perf_counter() - t0
+        first_loss = float(m["loss"])
+        compile_durations = dict(durations)
 
-    for _ in range(max(warmup - 1, 0)):
-        state, m = step_fn(state, batch, poison)
-    jax.block_until_ready(m)
-    times, cpu_times = [], []
-    for _ in range(steps):
-        t, c = time.perf_counter(), time.process_time()
-        state, m = step_fn(state, batch, poison)
+        for _ in range(max(warmup - 1, 0)):
+            state, m = step_fn(state, batch, poison)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-        cpu_times.append(time.process_time() - c)
-    recompiled = bool(durations.keys() - compile_durations.keys()) or durations != compile_durations
-    med = statistics.median(times)
-    tps = B * T / med
+        times, cpu_times = [], []
+        for _ in range(steps):
+            t, c = time.perf_counter(), time.process_time()
+            state, m = step_fn(state, batch, poison)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
+        t = time.perf_counter()
+        for _ in range(steps):  # back to back, as the training loop runs: the throughput figure
+            state, m = step_fn(state, batch, poison)
+        jax.block_until_ready(m)
+        piped = (time.perf_counter() - t) / steps
+        recompiled = bool(durations.keys() - compile_durations.keys()) or durations != compile_durations
+        med = statistics.median(times)
+        tps = B * T / piped
 
-    n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
-    n_embed = cfg.vocab_size * cfg.d_model + (cfg.context_length * cfg.d_model if cfg.positions == "learned" else 0)
-    fpt = mx.flops_per_token(mx.matmul_params(cfg), cfg.num_layers, cfg.d_model, T)  # the training loop's formula
-    peak = mx.peak_flops_per_device(device)
-    base = dict(base, attention_impl=cfg.attention_impl)
-    compile_rec = dict(
-        base, what="compile", first_step_s=first_step_s,
-        trace_s=compile_durations.get("jaxpr_trace"), lower_s=compile_durations.get("jaxpr_to_mlir_module"),
-        compile_s=compile_durations.get("backend_compile"),
-    )
-    train_rec = dict(
-        base, what="train", steps=steps, ms_per_step=med * 1e3, ms_per_step_mean=statistics.mean(times) * 1e3,
-        ms_per_step_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
-        flops_per_token=fpt, peak_flops=peak,
-        mfu=mx.mfu(tps, fpt, 1, peak),
-        num_params=n_params, num_params_non_embedding=n_params - n_embed,
-        loss_first=first_loss, loss_last=float(m["loss"]), recompiled_while_timing=recompiled,
-        **_peak_memory_jax(device),
-    )
-    if notes:
-        train_rec["note"] = "; ".join(notes)
-    for r in (compile_rec, train_rec):
-        emit(r)
-        records.append(r)
-    del state, step_fn, model
+        n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
+        n_embed = cfg.vocab_size * cfg.d_model + (cfg.context_length * cfg.d_model if cfg.positions == "learned" else 0)
+        fpt = mx.flops_per_token(mx.matmul_params(cfg), cfg.num_layers, cfg.d_model, T)  # the training loop's formula
+        peak = mx.peak_flops_per_device(device)
+        base = dict(base, attention_impl=cfg.attention_impl)
+        compile_rec = dict(
+            base, what="compile", first_step_s=first_step_s,
+            trace_s=compile_durations.get("jaxpr_trace"), lower_s=compile_durations.get("jaxpr_to_mlir_module"),
+            compile_s=compile_durations.get("backend_compile"),
+        )
+        train_rec = dict(
+            base, what="train", steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
+            ms_per_step_sync_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
+            flops_per_token=fpt, peak_flops=peak,
+            mfu=mx.mfu(tps, fpt, 1, peak),
+            num_params=n_params, num_params_non_embedding=n_params - n_embed,
+            loss_first=first_loss, loss_last=float(m["loss"]), recompiled_while_timing=recompiled,
+            **_peak_memory_jax(device),
+        )
+        if notes:
+            train_rec["note"] = "; ".join(notes)
+        for r in (compile_rec, train_rec):
+            emit(r)
+            records.append(r)
+        del state, step_fn, model
 
     if setup["decode"]:
         from tfd_jax.decode import generate
 
         # Inference weights in the compute dtype (bf16 on GPU), as the torch reference decodes.
-        dcfg = cfg.replace(param_dtype=cfg.dtype, dropout=0.0, embed_dropout=0.0)
+        dcfg = cfg.replace(param_dtype=cfg.dtype, dropout=0.0, embed_dropout=0.0,
+                           attention_impl=setup.get("decode_attention_impl") or cfg.attention_impl)
         dmodel = GPT(dcfg, rngs=nnx.Rngs(seed))
         P, N = setup["prompt_len"], setup["new_tokens"]
         for b in setup["decode_batches"]:
@@ -404,7 +428,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--impl", choices=["tfd_jax", "torch"], default="tfd_jax")
     ap.add_argument("--compare", action="store_true", help="run tfd_jax and torch (each in a child process) and print the ratio")
     ap.add_argument("--rounds", type=int, default=1, help="with --compare: alternate the two this many times")
+    ap.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="measure the training step")
     ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True, help="also measure decoding")
+    ap.add_argument("--decode-attention-impl", choices=["reference", "xla", "cudnn"], default=None,
+                    help="attention for decoding (default: the training one)")
+    ap.add_argument("--vocab-pad-multiple", type=int, default=None,
+                    help="GPTConfig.vocab_pad_multiple (default: the config's, automatic)")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: min(context - prompt, 256)")
@@ -471,12 +500,16 @@ def main(argv=None) -> list[dict] | dict:
         for r in records:
             emit(r)
         return records
+    from tfd_jax.runtime import set_default_xla_flags
+
+    set_default_xla_flags()  # before JAX starts its backend, as `tfd-jax` does
     import jax
 
     setup = resolve_setup(args, jax.default_backend())
     import flax
 
-    emit(dict(impl="tfd_jax", what="setup", jax=jax.__version__, flax=flax.__version__, **setup))
+    emit(dict(impl="tfd_jax", what="setup", jax=jax.__version__, flax=flax.__version__,
+              xla_flags=os.environ.get("XLA_FLAGS", ""), **setup))
     return bench_tfd_jax(setup)
 
 

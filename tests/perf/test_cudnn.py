@@ -4,6 +4,8 @@ tests/conftest.py points JAX at the CPU unless JAX_PLATFORMS is already set, so 
 
     JAX_PLATFORMS=cuda python -m pytest tests/perf/test_cudnn.py
 """
+import warnings
+
 import numpy as np
 import pytest
 
@@ -57,5 +59,10 @@ def test_cudnn_attention_matches_the_reference(T):
     q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in (kq, kk, kv))
     mask = ops.causal_mask(T)
     ref = ops.attention(q, k, v, mask=mask, impl="reference").astype(jnp.float32)
-    got = jax.jit(lambda q, k, v: ops.attention(q, k, v, mask=mask, impl="cudnn"))(q, k, v).astype(jnp.float32)
+    fused = jax.jit(lambda q, k, v: ops.attention(q, k, v, is_causal=True, impl="cudnn"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to XLA would warn: fail instead
+        hlo = fused.lower(q, k, v).compile().as_text()
+    assert "cudnn" in hlo.lower(), "the compiled program has no cuDNN attention call"
+    got = fused(q, k, v).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=3e-2, rtol=3e-2)
