@@ -78,3 +78,26 @@ def test_rms_norm_matches_formula():
     np.testing.assert_allclose((y.astype(np.float64) ** 2).mean(-1), 1.0, atol=1e-4)
     # No centring: a constant row keeps its sign.
     assert np.all(np.asarray(rms_norm(jnp.full((1, 4), -3.0), None)) < 0)
+
+
+def test_layer_norm_gradient_equals_autodiff_of_the_formula():
+    """layer_norm's hand-written backward (ops.norms.standardize) == autodiff of the textbook formula."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 2 + 0.5, jnp.float32)
+    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+
+    def formula(x, scale, bias):
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, -1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    got = jax.grad(lambda *a: jnp.sum(ops.layer_norm(*a) * g), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(lambda *a: jnp.sum(formula(*a) * g), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # and in bf16 the gradient comes back in the input's dtype
+    dx = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, scale, bias).astype(jnp.float32) * g))(x.astype(jnp.bfloat16))
+    assert dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(dx.astype(jnp.float32), want[0], rtol=0.05, atol=0.05)

@@ -20,8 +20,8 @@ Two ways to cut batches:
   eos token sits there). Two ways to place them:
 
   - ``sampling="random"`` (the default; nanoGPT's): every window starts at its own uniformly random
-    position, a pure function of ``(seed, element index)``. A token is seen at many different
-    places in its context, which generalises a little better on small corpora.
+    position, a pure function of ``(seed, element index)``, so a token is seen at many different
+    places in its context.
   - ``sampling="epochs"``: the stream is cut into windows that overlap by one token (window ``i``
     starts at ``offset + i * T``), so each token is a target exactly once per epoch; ``offset`` is
     drawn afresh each epoch from ``(seed, epoch)`` and the windows are shuffled.

@@ -20,15 +20,45 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
     Returns:
       ``[..., M]`` in ``x``'s dtype.
     """
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    y = standardize(x.astype(jnp.float32), eps)
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+@jax.custom_vjp
+def standardize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps)`` over the last axis: LayerNorm without scale and bias.
+
+    Its backward pass is written out, ``dx = (g - mean(g) - xhat * mean(g * xhat)) / std``, from
+    the saved ``xhat`` and ``1 / std``, as fused LayerNorm kernels do; left to autodiff, XLA
+    recomputes the mean and variance inside several backward fusions.
+    """
+    return _standardize(x, eps)[0]
+
+
+def _standardize(x, eps):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return centred * rstd, rstd
+
+
+def _standardize_fwd(x, eps):
+    xhat, rstd = _standardize(x, eps)
+    return xhat, (xhat, rstd, jnp.zeros_like(eps))
+
+
+def _standardize_bwd(res, g):
+    xhat, rstd, zero_eps = res  # eps is a constant: no gradient flows to it
+    g = g.astype(xhat.dtype)
+    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)) * rstd
+    return dx, zero_eps
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float = 1e-6) -> jax.Array:
