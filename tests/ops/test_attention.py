@@ -253,3 +253,30 @@ def test_is_causal_flag_equals_the_explicit_causal_mask(impl):
         np.asarray(ops.attention(q2, k2, v2, mask=ops.causal_mask(3, 6), impl="reference")),
         rtol=1e-5, atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_kernel_matches_float64_with_gradients(causal):
+    """The TPU splash kernel, run in Pallas's interpreter here: values and gradients."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(7), 4)
+    shape = (2, 256, 2, 64)
+    q, k, v, g = (jax.random.normal(key, shape, jnp.float32) for key in (kq, kk, kv, kg))
+    valid = np_causal(256, 256, 0) if causal else None
+    splash = lambda q, k, v: ops.splash_attention(q, k, v, is_causal=causal, block=128, interpret=True)  # noqa: E731
+    out = splash(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, valid), atol=2e-5)
+    grads = jax.grad(lambda *a: jnp.sum(splash(*a) * g), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(ops.attention(*a, is_causal=causal) * g), argnums=(0, 1, 2))(q, k, v)
+    for got, ref in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-3, atol=1e-4)
+
+
+def test_splash_is_tpu_only_and_says_what_it_takes():
+    q = jnp.ones((1, 128, 2, 64))
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match="TPU kernel"):
+            ops.attention(q, q, q, is_causal=True, impl="splash")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ops.splash_attention(q[:, :100], q[:, :100], q[:, :100], interpret=True)
+    with pytest.raises(ValueError, match="self-attention"):
+        ops.splash_attention(q, q[:, :64], q[:, :64], interpret=True)

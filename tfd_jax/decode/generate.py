@@ -70,6 +70,8 @@ def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, i
     f32 batched products in this layout, and CPUs gain nothing from bf16 arithmetic anyway.
     """
     dtype = q.dtype
+    if impl == "splash":  # a training kernel (whole causal blocks); one-token steps use XLA's
+        impl = "xla"
     if jax.default_backend() == "cpu" and dtype in (jnp.bfloat16, jnp.float16):
         q, keys, values = (x.astype(jnp.float32) for x in (q, keys, values))
     return ops.attention(q, as_bshd(keys), as_bshd(values), mask=mask, impl=impl).astype(dtype)

@@ -56,7 +56,7 @@ class GPTConfig:
     ffn_bias: bool = True
     lm_head_bias: bool = False
     init: str = "gpt2"  # "gpt2": N(0, 0.02) with residual projections scaled by 1/sqrt(2L); "xavier": the course
-    attention_impl: str = "reference"  # "reference" | "xla" | "cudnn"
+    attention_impl: str = "reference"  # "reference" | "xla" | "cudnn" | "splash" (TPU) | "auto"
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     remat: bool | str = False  # activation checkpointing: False/"none", True/"full", "dots", "dots_no_batch"
@@ -88,8 +88,8 @@ class GPTConfig:
             (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0, "dropout rates must be in [0, 1)"),
             (self.init in ("gpt2", "xavier"), f"init must be 'gpt2' or 'xavier', got {self.init!r}"),
             (
-                self.attention_impl in ("reference", "xla", "cudnn", "auto"),
-                f"attention_impl must be 'reference', 'xla', 'cudnn' or 'auto', got {self.attention_impl!r}",
+                self.attention_impl in ("reference", "xla", "cudnn", "splash", "auto"),
+                f"attention_impl must be 'reference', 'xla', 'cudnn', 'splash' or 'auto', got {self.attention_impl!r}",
             ),
             (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
             (

@@ -11,6 +11,7 @@ from tfd_jax.ops.attention import (
     merge_heads,
     padding_mask,
     split_heads,
+    splash_attention,
 )
 from tfd_jax.ops.dropout import dropout
 from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, feed_forward, gated_feed_forward
@@ -52,6 +53,7 @@ __all__ = [
     "rope_frequencies",
     "sample",
     "sinusoidal_positions",
+    "splash_attention",
     "split_heads",
     "token_cross_entropy",
     "top_k_filter",

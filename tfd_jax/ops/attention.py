@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["reference", "xla", "cudnn", "auto"]
+AttentionImpl = Literal["reference", "xla", "cudnn", "splash", "auto"]
 
 # A large negative number rather than -inf: a fully masked row then gives a uniform softmax instead
 # of NaN, and bf16 can still represent it.
@@ -150,7 +150,9 @@ def attention(
         ``"xla"`` calls ``jax.nn.dot_product_attention``; ``"cudnn"`` asks it for cuDNN's fused
         flash attention (NVIDIA GPUs, bf16/fp16) and falls back to ``"xla"`` with a warning where
         cuDNN cannot run this call (no GPU, float32, an unsupported head size ...); ``"auto"``
-        picks cuDNN for bf16/fp16 on a GPU and XLA otherwise.
+        picks cuDNN for bf16/fp16 on a GPU and XLA otherwise. ``"splash"`` (opt-in, TPU only) runs
+        the Pallas splash-attention kernel (:func:`splash_attention`): self-attention with
+        ``is_causal`` or no mask, ``T`` a multiple of 128.
     Returns:
       ``[B, T, H, D]`` in the dtype of ``q``.
     """
@@ -161,8 +163,17 @@ def attention(
         w = attention_weights(q, k, mask)
         out = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return out.astype(q.dtype)
+    if impl == "splash":
+        if jax.default_backend() != "tpu":
+            raise ValueError(
+                f"attention impl 'splash' is a TPU kernel and this backend is {jax.default_backend()!r}; "
+                "use 'cudnn' on NVIDIA GPUs or 'xla' elsewhere"
+            )
+        if mask is not None:
+            raise ValueError("attention impl 'splash' takes is_causal or no mask, not a mask array; use 'xla' for masks")
+        return splash_attention(q, k, v, is_causal=is_causal)
     if impl not in ("xla", "cudnn", "auto"):
-        raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla', 'cudnn' or 'auto'")
+        raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla', 'cudnn', 'splash' or 'auto'")
     if mask is not None:
         B, T, H, _ = q.shape
         mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
@@ -179,6 +190,38 @@ def attention(
         except Exception as e:  # cuDNN refuses at trace time: unsupported device, dtype or shape
             _warn_fallback(e)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
+                     block: int = 512, interpret: bool = False) -> jax.Array:
+    """Attention through the Pallas splash-attention kernel (TPU; flash attention with block skipping).
+
+    Args:
+      q, k, v: ``[B, T, H, D]`` (self-attention: the same ``T``), ``T`` a multiple of 128.
+      is_causal: the causal mask, which the kernel applies block by block (fully masked blocks are
+        skipped, not computed).
+      block: query/key block size; taken down to ``T`` (or 128) when ``T`` is not a multiple of it.
+      interpret: run the kernel in Pallas's interpreter (any backend, slow): for tests.
+    Returns:
+      ``[B, T, H, D]`` in the dtype of ``q``.
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, T, H, D = q.shape
+    if k.shape[1] != T:
+        raise ValueError(f"splash attention here is self-attention: T={T} queries but S={k.shape[1]} keys; use 'xla'")
+    if T % 128:
+        raise ValueError(f"splash attention needs a sequence length that is a multiple of 128, got {T}; use 'xla'")
+    while T % block:
+        block //= 2
+    masks = [sa.CausalMask((T, T)) if is_causal else sa.FullMask((T, T)) for _ in range(H)]
+    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sa.make_splash_mha(sa.MultiHeadMask(masks), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+    to_bhtd = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    out = jax.vmap(kernel)(to_bhtd(q) * jnp.asarray(D**-0.5, q.dtype), to_bhtd(k), to_bhtd(v))  # kernel does not scale
+    return to_bhtd(out).astype(q.dtype)
 
 
 _warned: set[str] = set()

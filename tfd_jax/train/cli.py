@@ -62,7 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of a few steps to DIR")
-    p.add_argument("--attention", default=None, choices=["reference", "xla", "cudnn", "auto"], help="attention implementation")
+    p.add_argument("--attention", default=None, choices=["reference", "xla", "cudnn", "splash", "auto"],
+                   help="attention implementation (splash: the Pallas TPU kernel, opt-in)")
     p.add_argument("--debug-nan-at", type=int, action="append", default=[], metavar="STEP", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
