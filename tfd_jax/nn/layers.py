@@ -63,7 +63,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: ``[..., d_in]`` -> ``[..., d_out]`` in the compute dtype."""
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = ops.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -116,7 +116,8 @@ def head_matmul(x: jax.Array, table: jax.Array, layout: str, dtype, pad_multiple
     w = table if layout == "vm" else table.T
     rows = math.prod(x.shape[:-1])
     pad = -w.shape[0] % pad_multiple if pad_multiple > 1 and rows >= PAD_MIN_ROWS else 0
-    return _logits_f32(x.astype(dtype), w.astype(dtype), pad)
+    out = _logits_f32(x.reshape(rows, x.shape[-1]).astype(dtype), w.astype(dtype), pad)  # 2-D: see ops.dense
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _padded(w: jax.Array, pad: int) -> jax.Array:
@@ -161,7 +162,9 @@ def head_cross_entropy(
     w = table if layout == "vm" else table.T
     rows = math.prod(x.shape[:-1])
     pad = -w.shape[0] % pad_multiple if pad_multiple > 1 and rows >= PAD_MIN_ROWS else 0
-    return _head_ce(x.astype(dtype), w.astype(dtype), targets.astype(jnp.int32), pad)
+    losses = _head_ce(x.reshape(rows, x.shape[-1]).astype(dtype), w.astype(dtype),
+                      targets.reshape(rows).astype(jnp.int32), pad)  # 2-D: see ops.dense
+    return losses.reshape(x.shape[:-1])
 
 
 def _head_ce_forward(x, w, targets, pad):

@@ -14,7 +14,7 @@ from tfd_jax.ops.attention import (
     splash_attention,
 )
 from tfd_jax.ops.dropout import dropout
-from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, feed_forward, gated_feed_forward
+from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, dense, feed_forward, gated_feed_forward
 from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
 from tfd_jax.ops.norms import layer_norm, rms_norm
 from tfd_jax.ops.positional import apply_rope, learned_positions, rope_frequencies, sinusoidal_positions
@@ -39,6 +39,7 @@ __all__ = [
     "check_sampling_args",
     "combine_masks",
     "cross_attention_mask",
+    "dense",
     "cross_entropy",
     "dropout",
     "feed_forward",
