@@ -474,10 +474,10 @@ def test_output_head_matches_float64_and_its_gradient_in_bf16():
         np.testing.assert_array_equal(out_mv, out)
 
 
-@pytest.mark.parametrize("tie,pad", [(True, 1), (True, 128), (False, 128)])
-def test_token_losses_equal_cross_entropy_of_the_logits_with_the_same_gradients(tie, pad):
+@pytest.mark.parametrize("tie,pad,bias", [(True, 1, False), (True, 128, False), (False, 128, False), (False, 128, True)])
+def test_token_losses_equal_cross_entropy_of_the_logits_with_the_same_gradients(tie, pad, bias):
     """GPT.token_losses (fused head + loss, what training differentiates) == the two-step path."""
-    cfg = GPTConfig.preset("tiny", vocab_size=301, tie_embeddings=tie, vocab_pad_multiple=pad)
+    cfg = GPTConfig.preset("tiny", vocab_size=301, tie_embeddings=tie, vocab_pad_multiple=pad, lm_head_bias=bias)
     keys = jax.random.split(jax.random.key(5))
     tokens = jax.random.randint(keys[0], (4, cfg.context_length), 0, cfg.vocab_size)
     targets = jax.random.randint(keys[1], (4, cfg.context_length), 0, cfg.vocab_size)

@@ -74,6 +74,7 @@ class GPT(nnx.Module):
         return out
 
     def _vocab_pad(self) -> int:
+        """The head's vocabulary padding multiple: the config's, or 128 on accelerators and 1 on CPU."""
         return self.config.vocab_pad_multiple or (1 if jax.default_backend() == "cpu" else 128)
 
     def token_losses(
@@ -92,13 +93,13 @@ class GPT(nnx.Module):
         """
         x, positions = self._embed_input(tokens, positions)
         h = self.hidden_states(x, positions=positions, segment_ids=segment_ids)
+        if self.lm_head is not None and self.lm_head.bias is not None:  # a biased head is rare: plain path
+            return ops.token_cross_entropy(self.logits(h), targets)
         if self.final_norm is not None:
             h = self.final_norm(h)
         dtype, pad = self.config.compute_dtype, self._vocab_pad()
         if self.lm_head is None:
             return head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
-        if self.lm_head.bias is not None:  # a biased head is rare: plain path
-            return ops.token_cross_entropy(self.logits(h), targets)
         return head_cross_entropy(h, self.lm_head.kernel[...], "mv", dtype, targets, pad)
 
     def check_input(self, tokens: jax.Array) -> None:
