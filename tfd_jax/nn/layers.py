@@ -113,39 +113,8 @@ def head_matmul(x: jax.Array, table: jax.Array, layout: str, dtype, pad_multiple
     into float32 ones. With ``pad_multiple > 1`` (and at least :data:`PAD_MIN_ROWS` rows) the table
     gets zero rows up to a multiple of it and the result is sliced back to ``V``.
     """
-    w = table if layout == "vm" else table.T
-    rows = math.prod(x.shape[:-1])
-    pad = -w.shape[0] % pad_multiple if pad_multiple > 1 and rows >= PAD_MIN_ROWS else 0
-    out = _logits_f32(x.reshape(rows, x.shape[-1]).astype(dtype), w.astype(dtype), pad)  # 2-D: see ops.dense
-    return out.reshape(*x.shape[:-1], w.shape[0])
-
-
-def _padded(w: jax.Array, pad: int) -> jax.Array:
-    return jnp.pad(w, ((0, pad), (0, 0))) if pad else w
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits_f32(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
-    """``x [..., M] @ w[V, M]^T`` accumulated in and returned as float32 ``[..., V]``."""
-    out = jnp.einsum("...m,vm->...v", x, _padded(w, pad), preferred_element_type=jnp.float32)
-    return out[..., : w.shape[0]] if pad else out
-
-
-def _logits_fwd(x, w, pad):
-    return _logits_f32(x, w, pad), (x, w)
-
-
-def _logits_bwd(pad, res, g):
-    x, w = res
-    g = g.astype(x.dtype)
-    if pad:
-        g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, pad)])
-    dx = jnp.einsum("...v,vm->...m", g, _padded(w, pad), preferred_element_type=jnp.float32)
-    dw = jnp.einsum("...v,...m->vm", g, x, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw[: w.shape[0]].astype(w.dtype)
-
-
-_logits_f32.defvjp(_logits_fwd, _logits_bwd)
+    x2, w, pad = _head_operands(x, table, layout, dtype, pad_multiple)
+    return _logits_f32(x2, w, pad).reshape(*x.shape[:-1], w.shape[0])
 
 
 def head_cross_entropy(
@@ -159,19 +128,57 @@ def head_cross_entropy(
     passes over the ``[rows, V]`` array. Training uses this (Chapter 11); ``x`` is ``[..., M]``,
     ``targets`` int ``[...]``; ``table`` and ``pad_multiple`` as in :func:`head_matmul`.
     """
-    w = table if layout == "vm" else table.T
+    x2, w, pad = _head_operands(x, table, layout, dtype, pad_multiple)
+    return _head_ce(x2, w, targets.reshape(-1).astype(jnp.int32), pad).reshape(x.shape[:-1])
+
+
+def _head_operands(x, table, layout, dtype, pad_multiple):
+    """(x as ``[rows, M]`` (2-D: see ``ops.dense``), the table as ``[V, M]``, both in ``dtype``; padding rows)."""
+    w = (table if layout == "vm" else table.T).astype(dtype)
     rows = math.prod(x.shape[:-1])
     pad = -w.shape[0] % pad_multiple if pad_multiple > 1 and rows >= PAD_MIN_ROWS else 0
-    losses = _head_ce(x.reshape(rows, x.shape[-1]).astype(dtype), w.astype(dtype),
-                      targets.reshape(rows).astype(jnp.int32), pad)  # 2-D: see ops.dense
-    return losses.reshape(x.shape[:-1])
+    return x.reshape(rows, x.shape[-1]).astype(dtype), w, pad
+
+
+def _padded(w: jax.Array, pad: int) -> jax.Array:
+    return jnp.pad(w, ((0, pad), (0, 0))) if pad else w
+
+
+def _padded_logits(x, w, pad):
+    """float32 ``[rows, V + pad]``: the product with the padded table (zero logits in the pad)."""
+    return jnp.einsum("rm,vm->rv", x, _padded(w, pad), preferred_element_type=jnp.float32)
+
+
+def _head_input_grads(dlogits, x, w, pad):
+    """(dx, dw) from the padded logits' gradient ``[rows, V + pad]`` in the compute dtype."""
+    dx = jnp.einsum("rv,vm->rm", dlogits, _padded(w, pad), preferred_element_type=jnp.float32)
+    dw = jnp.einsum("rv,rm->vm", dlogits, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw[: w.shape[0]].astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logits_f32(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
+    """``x [rows, M] @ w[V, M]^T`` accumulated in and returned as float32 ``[rows, V]``."""
+    return _padded_logits(x, w, pad)[:, : w.shape[0]]
+
+
+def _logits_fwd(x, w, pad):
+    return _logits_f32(x, w, pad), (x, w)
+
+
+def _logits_bwd(pad, res, g):
+    x, w = res
+    return _head_input_grads(jnp.pad(g.astype(x.dtype), ((0, 0), (0, pad))), x, w, pad)
+
+
+_logits_f32.defvjp(_logits_fwd, _logits_bwd)
 
 
 def _head_ce_forward(x, w, targets, pad):
-    logits = jnp.einsum("...m,vm->...v", x, _padded(w, pad), preferred_element_type=jnp.float32)
-    real = logits[..., : w.shape[0]] if pad else logits
+    logits = _padded_logits(x, w, pad)
+    real = logits[:, : w.shape[0]]
     lse = jax.nn.logsumexp(real, axis=-1)
-    picked = jnp.take_along_axis(real, targets[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(real, targets[:, None], axis=-1)[:, 0]
     return lse - picked, logits, lse
 
 
@@ -188,11 +195,10 @@ def _head_ce_fwd(x, w, targets, pad):
 def _head_ce_bwd(pad, res, g):
     x, w, targets, logits, lse = res
     cols = jnp.arange(logits.shape[-1])
-    probs = jnp.where(cols < w.shape[0], jnp.exp(logits - lse[..., None]), 0.0)  # padded columns: 0
-    dlogits = ((probs - (cols == targets[..., None])) * g[..., None]).astype(x.dtype)
-    dx = jnp.einsum("...v,vm->...m", dlogits, _padded(w, pad), preferred_element_type=jnp.float32)
-    dw = jnp.einsum("...v,...m->vm", dlogits, x, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw[: w.shape[0]].astype(w.dtype), np.zeros(targets.shape, jax.dtypes.float0)
+    probs = jnp.where(cols < w.shape[0], jnp.exp(logits - lse[:, None]), 0.0)  # padded columns: 0
+    dlogits = ((probs - (cols == targets[:, None])) * g[:, None]).astype(x.dtype)
+    dx, dw = _head_input_grads(dlogits, x, w, pad)
+    return dx, dw, np.zeros(targets.shape, jax.dtypes.float0)
 
 
 _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)

@@ -200,7 +200,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: boo
       q, k, v: ``[B, T, H, D]`` (self-attention: the same ``T``), ``T`` a multiple of 128.
       is_causal: the causal mask, which the kernel applies block by block (fully masked blocks are
         skipped, not computed).
-      block: query/key block size; taken down to ``T`` (or 128) when ``T`` is not a multiple of it.
+      block: query/key block size; halved until it divides ``T``.
       interpret: run the kernel in Pallas's interpreter (any backend, slow): for tests.
     Returns:
       ``[B, T, H, D]`` in the dtype of ``q``.
