@@ -102,6 +102,10 @@ def resolve_setup(args, backend: str) -> dict:
     overrides.update(dtype={"fp32": "float32", "bf16": "bfloat16"}[precision], attention_impl=attention)
     if args.vocab_pad_multiple is not None:
         overrides["vocab_pad_multiple"] = args.vocab_pad_multiple
+    if args.scan_layers is not None:
+        overrides["scan_layers"] = args.scan_layers
+    if args.remat is not None:
+        overrides["remat"] = args.remat
     cfg = GPTConfig.preset(p["preset"], **overrides)
     if T > cfg.context_length:
         cfg = cfg.replace(context_length=T)
@@ -235,13 +239,14 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         fpt = mx.flops_per_token(mx.matmul_params(cfg), cfg.num_layers, cfg.d_model, T)  # the training loop's formula
         peak = mx.peak_flops_per_device(device)
         base = dict(base, attention_impl=cfg.attention_impl)
+        layout = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy)
         compile_rec = dict(
             base, what="compile", first_step_s=first_step_s,
             trace_s=compile_durations.get("jaxpr_trace"), lower_s=compile_durations.get("jaxpr_to_mlir_module"),
-            compile_s=compile_durations.get("backend_compile"),
+            compile_s=compile_durations.get("backend_compile"), **layout,
         )
         train_rec = dict(
-            base, what="train", steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
+            base, what="train", **layout, steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
             ms_per_step_sync_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
             flops_per_token=fpt, peak_flops=peak,
             mfu=mx.mfu(tps, fpt, 1, peak),
@@ -260,7 +265,8 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         from tfd_jax.decode import generate
 
         # Inference weights in the compute dtype (bf16 on GPU), as the torch reference decodes.
-        dcfg = cfg.replace(param_dtype=cfg.dtype, dropout=0.0, embed_dropout=0.0,
+        # Per-layer blocks, as load_for_inference gives them, whatever the training layout.
+        dcfg = cfg.replace(param_dtype=cfg.dtype, dropout=0.0, embed_dropout=0.0, scan_layers=False,
                            attention_impl=setup.get("decode_attention_impl") or cfg.attention_impl)
         dmodel = GPT(dcfg, rngs=nnx.Rngs(seed))
         P, N = setup["prompt_len"], setup["new_tokens"]
@@ -434,6 +440,10 @@ def parser() -> argparse.ArgumentParser:
                     help="attention for decoding (default: the training one)")
     ap.add_argument("--vocab-pad-multiple", type=int, default=None,
                     help="GPTConfig.vocab_pad_multiple (default: the config's, automatic)")
+    ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                    help="tfd_jax: run the blocks as one scan (GPTConfig.scan_layers; faster compile)")
+    ap.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default=None,
+                    help="tfd_jax: activation checkpointing policy (GPTConfig.remat)")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: min(context - prompt, 256)")

@@ -31,6 +31,7 @@ variant() {  # name, then env assignments and bench arguments
     timeout $((t - 5)) env "$@" 2>&1 | tee "$OUT/variant_$name.jsonl" | grep '"what": "train"'
 }
 B="python3 experiments/bench.py --no-decode --steps 10 --warmup 2"
+variant scan_layers $B --scan-layers
 variant batch32 $B --batch-size 32
 variant no_lib_xla_flags TFD_JAX_XLA_FLAGS=0 $B
 variant xla_attention $B --attention-impl xla

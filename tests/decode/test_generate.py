@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from tfd_jax.decode import TRACE_COUNTS, compiled_programs, forward_cached, generate, generate_stream, init_cache
-from tfd_jax.models import GPTConfig
+from tfd_jax.models import GPTConfig, with_layout
 
 PROMPTS = [[5, 17, 3], [8, 1, 2, 3, 4, 5, 6, 7, 9], [42, 42, 11, 60, 2]]  # ragged on purpose
 N_NEW = 12
@@ -144,6 +144,16 @@ def test_greedy_generate_matches_uncached_loop_for_ragged_batch(tiny_model, gree
     np.testing.assert_array_equal(lengths, [N_NEW] * 3)
     np.testing.assert_array_equal(tokens, greedy_ref)
     assert tiny_model.blocks[0].drop1.deterministic is False  # dropout went off on a copy only
+
+
+def test_scan_layers_model_generates_the_same_tokens(tiny_model, greedy_ref):
+    """A model that stores its blocks stacked (``scan_layers``) decodes layer by layer from slices of
+    them: the same greedy tokens as the uncached loop on the unrolled model."""
+    scanned = with_layout(tiny_model, scan_layers=True)
+    assert scanned.config.scan_layers and scanned.blocks.attn.q.kernel.shape[0] == tiny_model.config.num_layers
+    tokens, lengths = generate(scanned, PROMPTS, N_NEW)
+    np.testing.assert_array_equal(lengths, [N_NEW] * 3)
+    np.testing.assert_array_equal(tokens, greedy_ref)
 
 
 def test_eos_stops_each_row_and_pads_after_it(tiny_model, greedy_ref):

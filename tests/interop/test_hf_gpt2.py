@@ -170,6 +170,17 @@ def test_hub_name_goes_through_snapshot_download(tokens, hf_model, tmp_path, mon
     assert np.max(np.abs(our_logits(model, tokens) - hf_logits(hf_model, tokens))) < 1e-4
 
 
+def test_scan_layers_load_and_save(tokens, hf_model, tmp_path):
+    """``scan_layers=True`` loads into stacked blocks with the same logits, and saving such a model
+    writes the ordinary per-layer checkpoint."""
+    model = load_hf_gpt2(hf_model, scan_layers=True)
+    assert model.config.scan_layers and model.blocks.attn.q.kernel.shape == (2, 32, 32)
+    assert np.max(np.abs(our_logits(model, tokens) - hf_logits(hf_model, tokens))) < 1e-4
+    save_hf_gpt2(model, tmp_path / "ckpt")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ckpt").eval()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens), hf_logits(hf_model, tokens))
+
+
 # -- ours -> Hugging Face -----------------------------------------------------------------------------
 
 

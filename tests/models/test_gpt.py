@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfd_jax import ops
-from tfd_jax.models import GPT, GPTConfig, count_params
+from tfd_jax.models import GPT, GPTConfig, count_params, with_layout
 from tfd_jax.nn import layers
 from fastjit import FAST
 
@@ -66,10 +66,12 @@ def build(name, *, train=False, **overrides):
     """A fresh model (its own module objects) from the preset, initialised by one compiled program
     per parameter layout; in eval mode unless ``train``.
 
-    Compute dtype and remat do not change the parameters, so such variants share the initial
-    state of the plain config (and compare like with like)."""
+    Compute dtype, remat and scan_layers do not change the parameters, so such variants share the
+    initial state of the plain config (and compare like with like)."""
     cfg = GPTConfig.preset(name, **overrides)
-    model = nnx.merge(_graphdef(cfg), _init_state(cfg.replace(dtype="float32", remat=False)), copy=True)
+    plain = cfg.replace(dtype="float32", remat=False, scan_layers=False)
+    model = nnx.merge(_graphdef(cfg.replace(scan_layers=False)), _init_state(plain), copy=True)
+    model = with_layout(model, scan_layers=cfg.scan_layers)  # the same weights, blocks stacked
     if not train:
         model.eval()
     return model
@@ -413,6 +415,92 @@ def test_named_remat_policies_change_nothing(policy):
     np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits2), rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# ---- scan over layers ----------------------------------------------------------------------------
+
+
+def _masked_loss_and_grads(model, tokens, segment_ids, padding_mask):
+    def loss_fn(m):
+        logits = m(tokens[:, :-1], segment_ids=segment_ids, padding_mask=padding_mask)
+        return ops.cross_entropy(logits, tokens[:, 1:]), logits
+
+    return nnx.value_and_grad(loss_fn, has_aux=True)(model)
+
+
+@pytest.mark.parametrize("key,remat", [("tiny", False), ("course", "dots"), ("tiny-rope", "full")])
+def test_scan_layers_gives_the_same_logits_and_gradients(key, remat):
+    """One lax.scan over stacked block parameters == the blocks one after another (with packing,
+    padding and remat in the mix), gradients included."""
+    plain = build_named(key, remat=remat)
+    scanned = build_named(key, remat=remat, scan_layers=True)
+    tokens = tokens_for(plain, T=T + 1)
+    segment_ids = jnp.array([[0] * 3 + [1] * (T - 3), [0] * T])
+    padding_mask = jnp.ones((2, T), bool).at[1, -2:].set(False)
+    (l1, logits1), g1 = jit_apply(_masked_loss_and_grads, plain, tokens, segment_ids, padding_mask)
+    (l2, logits2), g2 = jit_apply(_masked_loss_and_grads, scanned, tokens, segment_ids, padding_mask)
+    np.testing.assert_allclose(np.asarray(logits2), np.asarray(logits1), rtol=1e-5, atol=1e-6)
+    assert float(l2) == pytest.approx(float(l1), rel=1e-6)
+    # The scanned model's gradients come stacked [L, ...]; unstacked they are the unrolled ones.
+    g2 = nnx.state(with_layout(nnx.merge(nnx.graphdef(scanned), g2, nnx.state(scanned, nnx.Not(nnx.Param))),
+                               scan_layers=False), nnx.Param)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    assert all(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(g2))
+
+
+def test_scan_layers_draws_the_same_dropout_masks_step_after_step():
+    """Each block keeps its own dropout stream under the scan, and the advanced counters are written
+    back: two training calls in a row give what the unrolled model gives."""
+    plain = build_named("course", train=True)
+    scanned = build_named("course", train=True, scan_layers=True)
+    tokens = tokens_for(plain)
+    first = [np.asarray(run(m, tokens)) for m in (plain, scanned)]
+    second = [np.asarray(run(m, tokens)) for m in (plain, scanned)]
+    np.testing.assert_allclose(first[1], first[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second[1], second[0], rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(second[1] - first[1])) > 1e-3  # new masks on the second call
+
+
+def _dot_count(cfg: GPTConfig) -> int:
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=_rngs()))
+    model.eval()
+    return str(jax.make_jaxpr(lambda m, t: m(t))(model, jnp.zeros((1, 4), jnp.int32))).count("dot_general")
+
+
+def test_scan_layers_traces_one_block_whatever_the_depth():
+    """What cuts compile time: the unrolled program grows with the number of layers, the scanned one
+    does not."""
+    base = GPTConfig.preset("tiny", vocab_size=64, context_length=16)
+    unrolled = [_dot_count(base.replace(num_layers=n)) for n in (2, 4)]
+    scanned = [_dot_count(base.replace(num_layers=n, scan_layers=True)) for n in (2, 4)]
+    assert unrolled[1] > unrolled[0]
+    assert scanned[0] == scanned[1] < unrolled[0]
+
+
+def test_scan_layers_stores_the_same_weights_stacked():
+    """Built from the same seed, the scanned model holds the unrolled model's weights stacked, and
+    ``with_layout`` converts both ways without changing a number."""
+    cfg = GPTConfig.preset("tiny", vocab_size=64, context_length=16)
+    plain = GPT(cfg, rngs=_rngs())
+    scanned = GPT(cfg.replace(scan_layers=True), rngs=_rngs())
+    assert scanned.blocks.ln1.scale.shape == (2, 64)  # one Block, every variable stacked
+    stacked = nnx.state(with_layout(plain, scan_layers=True), nnx.Param)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(nnx.state(scanned, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = with_layout(scanned, scan_layers=False)
+    assert not back.config.scan_layers and len(back.blocks) == 2
+    assert jax.tree.structure(nnx.state(back)) == jax.tree.structure(nnx.state(plain))
+    for a, b in zip(jax.tree.leaves(nnx.state(plain)), jax.tree.leaves(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert count_params(scanned) == count_params(plain) == cfg.num_params()
+    assert with_layout(plain, scan_layers=False) is plain
+
+
+def test_scan_layers_must_be_a_bool():
+    with pytest.raises(ValueError, match="scan_layers must be True or False"):
+        GPTConfig.preset("tiny", scan_layers="yes")
 
 
 def test_unknown_remat_policy_is_refused():

@@ -103,7 +103,8 @@ def test_bench_compare_runs_end_to_end_and_ends_with_the_ratio():
     env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"  # compile fast: this test checks that it runs
     env["JAX_PLATFORMS"] = "cpu"
     cmd = [sys.executable, str(EXPERIMENTS / "bench.py"), "--compare", "--preset", "tiny", "--seq-len", "32",
-           "--batch-size", "4", "--steps", "2", "--warmup", "1", "--new-tokens", "4", "--decode-batches", "1,2"]
+           "--batch-size", "4", "--steps", "2", "--warmup", "1", "--new-tokens", "4", "--decode-batches", "1,2",
+           "--scan-layers"]  # tfd_jax-only options pass through to its side
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -118,3 +119,4 @@ def test_bench_compare_runs_end_to_end_and_ends_with_the_ratio():
     assert train["tfd_jax"]["num_params"] == train["torch"]["num_params"]
     assert train["tfd_jax"]["flops_per_token"] == train["torch"]["flops_per_token"]
     assert train["tfd_jax"]["recompiled_while_timing"] is False
+    assert train["tfd_jax"]["scan_layers"] is True

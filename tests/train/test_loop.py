@@ -95,6 +95,22 @@ def test_resume_onto_another_mesh(straight_run, corpus, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4), step
 
 
+def test_scan_layers_run_matches_the_unrolled_run_and_resumes_onto_another_mesh(straight_run, corpus, tmp_path):
+    """Stacked block parameters (``scan_layers``) start from the same weights, checkpoint, restore
+    onto another mesh and train to the same losses as the unrolled run."""
+    out_straight, _ = straight_run
+    out = tmp_path / "run"
+    scanned = {**TINY["model_overrides"], "scan_layers": True}
+    train(cfg(corpus, out, steps=10, model_overrides=scanned, mesh="data=2,fsdp=2,tensor=2"))
+    train(cfg(corpus, out, steps=15, resume=True, mesh="data=8"))  # the model config comes from the run
+    a, b = losses(out_straight), losses(out)
+    assert sorted(b) == list(range(1, 16))
+    for step in b:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4), step
+    model, _ = ckpt.load_for_inference(out)
+    assert not model.config.scan_layers and len(model.blocks) == 2  # per-layer blocks for decoding
+
+
 def test_run_dir_is_never_overwritten(straight_run, corpus):
     out, _ = straight_run
     before = (out / "metrics.jsonl").read_text()

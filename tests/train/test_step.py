@@ -70,15 +70,25 @@ def test_loss_matches_a_numpy_cross_entropy():
     assert float(m["loss"]) == pytest.approx(float((nll * batch["mask"]).sum() / batch["mask"].sum()), rel=1e-5)
 
 
-def test_sharded_step_equals_single_device_and_params_follow_the_rules():
+def _stacked_blocks(params):
+    """Unrolled parameters with their blocks stacked [L, ...], as a scan_layers model stores them."""
+    blocks = [params["blocks"][i] for i in range(CFG.num_layers)]
+    return {**{k: v for k, v in params.items() if k != "blocks"}, "blocks": jax.tree.map(lambda *l: np.stack(l), *blocks)}
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_sharded_step_equals_single_device_and_params_follow_the_rules(scan):
+    """Eight devices (data x fsdp x tensor) against one; with ``scan`` the eight-device model
+    stores its blocks stacked and runs them as one scan over sharded parameters."""
     assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
     batch = make_batch(8)
-    step, state = setup(sgd=True)
+    legs = {"one": setup(sgd=True), "eight": setup(CFG.replace(scan_layers=scan), sgd=True)}
     results = {}
     for name, mesh in {
         "one": shd.make_mesh(None, devices=jax.devices()[:1]),
         "eight": shd.make_mesh("data=2,fsdp=2,tensor=2"),
     }.items():
+        step, state = legs[name]
         p_sh = shd.param_shardings(state["params"], mesh)
         rep = shd.replicated(mesh)
         st_sh = {k: (p_sh if k == "params" else rep) for k in state}
@@ -88,20 +98,29 @@ def test_sharded_step_equals_single_device_and_params_follow_the_rules():
         new, m = fn(placed, shd.global_batch(batch, mesh))
         results[name] = (new, m)
         if name == "eight":
-            q = new["params"]["blocks"][0]["attn"]["q"]["kernel"][...]
-            assert q.sharding.spec == P("fsdp", "tensor")
-            assert q.addressable_shards[0].data.shape == (CFG.d_model // 2, CFG.d_model // 2)
-            o = new["params"]["blocks"][0]["attn"]["o"]["kernel"][...]
-            assert o.sharding.spec == P("tensor", "fsdp")
-            w_out = new["params"]["blocks"][1]["ffn"]["w_out"]["kernel"][...]
-            assert w_out.addressable_shards[0].data.shape == (CFG.d_ff // 2, CFG.d_model // 2)
+            blocks = new["params"]["blocks"]
+            first, second = (blocks, blocks) if scan else (blocks[0], blocks[1])
+            lead = (None,) if scan else ()  # the stacked layer axis is not split
+            q = first["attn"]["q"]["kernel"][...]
+            assert q.sharding.spec == P(*lead, "fsdp", "tensor")
+            assert q.addressable_shards[0].data.shape[-2:] == (CFG.d_model // 2, CFG.d_model // 2)
+            o = first["attn"]["o"]["kernel"][...]
+            assert o.sharding.spec == P(*lead, "tensor", "fsdp")
+            w_out = second["ffn"]["w_out"]["kernel"][...]
+            assert w_out.addressable_shards[0].data.shape[-2:] == (CFG.d_ff // 2, CFG.d_model // 2)
             emb = new["params"]["tok_embed"]["embedding"][...]
             assert emb.sharding.spec == P(None, "fsdp")  # 61 rows do not split over tensor=2
-            ln = new["params"]["blocks"][0]["ln1"]["scale"][...]
+            ln = first["ln1"]["scale"][...]
             assert ln.sharding.spec == P()
     (a, ma), (b, mb) = results["one"], results["eight"]
     assert float(ma["loss"]) == pytest.approx(float(mb["loss"]), rel=1e-5)
-    assert max_diff(jax.device_get(a["params"]), jax.device_get(b["params"])) < 1e-5
+    expected = jax.device_get(a["params"])
+    got = jax.device_get(b["params"])
+    if scan:
+        expected = _stacked_blocks(nnx.to_pure_dict(expected))
+        got = nnx.to_pure_dict(got)
+    assert jax.tree.structure(expected) == jax.tree.structure(got)
+    assert max_diff(expected, got) < 1e-5
 
 
 def test_mesh_spec_errors():

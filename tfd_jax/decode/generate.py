@@ -97,7 +97,9 @@ def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Arra
     mask = ops.causal_mask(T, S, offset=start)  # [B, 1, T, S]
     new_k, new_v = [], []
     x = model.embed(tokens, positions)
-    for i, block in enumerate(model.blocks):
+    # A scan_layers model's stacked parameters are sliced per layer here; inside the decode loop the
+    # slices do not change from step to step, and XLA hoists them out of the loop.
+    for i, block in enumerate(model.block_list()):
 
         def attn_fn(h, block=block, i=i):
             q, k, v = block.attn.project(h, None, positions)

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from tfd_jax.models.config import GPTConfig
-from tfd_jax.models.gpt import GPT
+from tfd_jax.models.gpt import GPT, with_layout
 
 __all__ = ["gpt2_config_from_hf", "gpt2_config_to_hf", "load_hf_gpt2", "save_hf_gpt2"]
 
@@ -79,7 +79,7 @@ _HF_DEFAULTS: dict[str, Any] = {
 }
 
 #: GPTConfig fields a caller may set when loading: they change how the model runs, not its weights.
-_LOAD_OVERRIDES = frozenset({"dropout", "embed_dropout", "attention_impl", "remat"})
+_LOAD_OVERRIDES = frozenset({"dropout", "embed_dropout", "attention_impl", "remat", "scan_layers"})
 
 _PREFIX = "transformer."
 #: Old checkpoints (the original "gpt2" upload among them) also store each layer's causal mask as a
@@ -436,7 +436,7 @@ def load_hf_gpt2(
       compute_dtype: activation dtype (defaults to ``dtype``); norms, softmax and logits stay float32.
       revision: Hub branch, tag or commit (Hub names only).
       seed: seeds the dropout streams when ``dropout``/``embed_dropout`` is above 0.
-      **overrides: ``dropout``, ``embed_dropout``, ``attention_impl`` or ``remat``. Dropout is 0 unless
+      **overrides: ``dropout``, ``embed_dropout``, ``attention_impl``, ``remat`` or ``scan_layers``. Dropout is 0 unless
         set here (the Hub configs' 0.1 is for training, and a new model starts in training mode).
 
     Returns:
@@ -458,6 +458,7 @@ def load_hf_gpt2(
             f"only {sorted(_LOAD_OVERRIDES)} may be set"
         )
     hf_config, loaders, origin = _open(source, revision)
+    scan_layers = bool(overrides.pop("scan_layers", False))  # filled block by block, stacked at the end
     cfg = gpt2_config_from_hf(hf_config, param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
 
     short, stored = _strip_prefix(loaders, origin)
@@ -501,7 +502,7 @@ def load_hf_gpt2(
 
     params = nnx.from_flat_state([(path, slots[path].replace(value=values[path])) for path in slots])
     rest = _concrete_non_params(cfg, seed) if jax.tree.leaves(abstract_rest) else abstract_rest
-    return nnx.merge(graphdef, params, rest)
+    return with_layout(nnx.merge(graphdef, params, rest), scan_layers=scan_layers)
 
 
 # -- writing --------------------------------------------------------------------------------------------
@@ -530,6 +531,7 @@ def save_hf_gpt2(model: GPT, directory: str | os.PathLike, *, overwrite: bool = 
       ValueError: the model is not GPT-2-shaped (the message lists why).
       FileExistsError: ``directory`` is not empty and ``overwrite`` is False.
     """
+    model = with_layout(model, scan_layers=False)  # the weight map names blocks one by one
     cfg = model.config
     hf_config = gpt2_config_to_hf(cfg)
     target = Path(directory).expanduser()

@@ -60,6 +60,11 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     remat: bool | str = False  # activation checkpointing: False/"none", True/"full", "dots", "dots_no_batch"
+    # Store the blocks' parameters stacked [L, ...] and run them as one lax.scan: the compiler sees
+    # one block instead of L, so compile time stops growing with depth. Changes the parameter paths
+    # (blocks/attn/q/kernel instead of blocks/3/attn/q/kernel): checkpoints restore into the layout
+    # they were saved with; models.gpt.with_layout converts between the two.
+    scan_layers: bool = False
     # The output head's matmul runs on a vocabulary padded with zero rows to a multiple of this
     # (logits are cut back to vocab_size): matrix units need aligned shapes and GPT-2's 50,257 is
     # odd. 0 = automatic: 128 on GPU/TPU, none on CPU. Parameters keep their true shape.
@@ -100,6 +105,7 @@ class GPTConfig:
                 self.remat in (True, False) or self.remat in REMAT_POLICIES,
                 f"remat must be True/False or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}",
             ),
+            (isinstance(self.scan_layers, bool), f"scan_layers must be True or False, got {self.scan_layers!r}"),
         ]
         for ok, msg in checks:
             if not ok:

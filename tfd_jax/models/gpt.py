@@ -23,6 +23,10 @@ class GPT(nnx.Module):
     Call it on int tokens ``[B, T]`` to get float32 logits ``[B, T, V]``. ``model.eval()`` turns
     dropout off and ``model.train()`` back on. Build with ``rngs=nnx.Rngs(params=0, dropout=1)``
     (or just ``nnx.Rngs(0)``) when training with dropout.
+
+    ``model.blocks`` holds the L blocks one by one, or, with ``config.scan_layers``, one ``Block``
+    whose variables are stacked ``[L, ...]`` and run as a ``lax.scan``; ``model.block_list()`` gives
+    them one by one in either layout.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -36,7 +40,10 @@ class GPT(nnx.Module):
         else:
             self.pos_embed = None
         self.embed_drop = Dropout(cfg.embed_dropout, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        # scan_layers: one Block holding every layer's variables stacked [L, ...] (see _scan_blocks);
+        # built from the same L blocks, so both layouts start from the same weights.
+        self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = (
             make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype) if cfg.final_norm else None
         )
@@ -182,14 +189,80 @@ class GPT(nnx.Module):
         if padding_mask is not None:
             mask = ops.combine_masks(mask, ops.padding_mask(padding_mask))
         policy = self.config.remat_policy
+        saveable = None if policy == "none" else getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
+
+        def run(block: Block, h: jax.Array) -> jax.Array:
+            return block(h, mask=mask, is_causal=True, positions=positions)
+
+        if self.config.scan_layers:
+            return self._scan_blocks(run, x, saveable)
         for block in self.blocks:
-            if policy != "none":
-                saveable = getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
-                call = nnx.remat(lambda blk, h: blk(h, mask=mask, is_causal=True, positions=positions), policy=saveable)
-                x = call(block, x)
-            else:
-                x = block(x, mask=mask, is_causal=True, positions=positions)
+            x = run(block, x) if saveable is None else nnx.remat(run, policy=saveable)(block, x)
         return x
+
+    def _scan_blocks(self, run, x: jax.Array, saveable) -> jax.Array:
+        """``x = run(block, x)`` for each of the stacked blocks, as one ``lax.scan``.
+
+        The scan body rebuilds one block from its slice of the stacked parameters ``[L, ...]``. The
+        rest of the blocks' state (each dropout stream's key and counter) is scanned over too and the
+        advanced counters are written back, so dropout draws the masks the unrolled model draws.
+        """
+        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+
+        def body(h, slices):
+            block = nnx.merge(graphdef, *slices)
+            return run(block, h), nnx.state(block, nnx.Not(nnx.Param))
+
+        if saveable is not None:
+            body = jax.checkpoint(body, policy=saveable, prevent_cse=False)
+        x, new_rest = jax.lax.scan(body, x, (params, rest))
+        nnx.update(self.blocks, new_rest)
+        return x
+
+    def block_list(self) -> list[Block]:
+        """The blocks in order. With ``scan_layers`` these are new modules holding copies sliced
+        from the stacked parameters: read them, do not train them."""
+        if self.config.scan_layers:
+            return unstack_blocks(self.blocks, self.config.num_layers)
+        return list(self.blocks)
+
+
+def stack_blocks(blocks) -> Block:
+    """Blocks of one shape -> one ``Block`` whose every variable has a leading layer axis ``[L, ...]``.
+
+    This is how a ``scan_layers`` model stores its blocks (parameter paths ``blocks/attn/q/kernel``
+    instead of ``blocks/3/attn/q/kernel``).
+    """
+    blocks = list(blocks)
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
+
+
+def unstack_blocks(stacked: Block, num_layers: int) -> list[Block]:
+    """The inverse of :func:`stack_blocks`: ``num_layers`` blocks, each with its slice of the variables."""
+    graphdef, state = nnx.split(stacked)
+    return [nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state)) for i in range(num_layers)]
+
+
+def with_layout(model: GPT, *, scan_layers: bool) -> GPT:
+    """The same model (same weights, dropout streams and mode) with its blocks stored stacked for
+    ``scan_layers=True`` or one by one for ``False``. Returns ``model`` itself when it already has
+    that layout; otherwise a new ``GPT`` (the arrays of its other parameters are shared, not copied).
+
+    Use it to load a checkpoint trained with one layout into code that wants the other, or to decode
+    from a scanned model without slicing its stacked parameters at every step.
+    """
+    if model.config.scan_layers == scan_layers:
+        return model
+    graphdef, state = nnx.split(model)
+    new = nnx.merge(graphdef, state)
+    new.config = model.config.replace(scan_layers=scan_layers)
+    if scan_layers:
+        new.blocks = stack_blocks(model.blocks)
+    else:
+        new.blocks = nnx.List(unstack_blocks(model.blocks, model.config.num_layers))
+    return new
 
 
 def count_params(model: nnx.Module) -> int:

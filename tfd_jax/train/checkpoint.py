@@ -101,11 +101,13 @@ def read_config(run_dir: str | os.PathLike) -> dict:
 def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, dtype: str | None = None):
     """(model, tokenizer) from a run directory's latest (or given) checkpoint, in eval mode.
 
-    Only the parameters are read; the optimizer state is skipped.
+    Only the parameters are read; the optimizer state is skipped. A run trained with
+    ``scan_layers`` comes back with its blocks one by one (``model.blocks[i]``), the layout
+    decoding and inspection want.
     """
     from flax import nnx
 
-    from tfd_jax.models import GPT, GPTConfig
+    from tfd_jax.models import GPT, GPTConfig, with_layout
     from tfd_jax.tokenizers import load_tokenizer
 
     cfg = read_config(run_dir)
@@ -130,7 +132,7 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
         )
     mngr.close()
     params = restored["state"]["params"]
-    model = nnx.merge(graphdef, params, rest)
+    model = with_layout(nnx.merge(graphdef, params, rest), scan_layers=False)
     model.eval()
     tok_dir = Path(run_dir) / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None

@@ -52,6 +52,8 @@ def register(subparsers) -> None:
         choices=["none", "full", "dots", "dots_no_batch"],
         help="recompute activations in the backward pass (Chapter 15); a policy name says what to keep",
     )
+    p.add_argument("--scan-layers", action="store_true",
+                   help="store the blocks stacked and run them as one scan over layers: compile time no longer grows with depth")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
@@ -79,6 +81,8 @@ def config_from_args(args) -> "TrainConfig":  # noqa: F821
         overrides["remat"] = args.remat
     if args.attention:
         overrides["attention_impl"] = args.attention
+    if args.scan_layers:
+        overrides["scan_layers"] = True
     optim = dataclasses.replace(
         d.optim,
         name=args.optimizer,

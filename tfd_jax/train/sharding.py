@@ -22,7 +22,8 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (regex on the parameter path, spec per dimension). First match wins; no match = replicated.
-# Paths look like "blocks/3/attn/q/kernel".
+# Paths look like "blocks/3/attn/q/kernel"; a scan_layers model stores "blocks/attn/q/kernel" with a
+# leading layer axis [L, ...], which stays unsplit (see spec_for).
 PARTITION_RULES: list[tuple[str, tuple]] = [
     (r"tok_embed/embedding$", ("tensor", "fsdp")),  # [V, M]
     (r"pos_embed/embedding$", (None, "fsdp")),  # [T, M]
@@ -35,6 +36,10 @@ PARTITION_RULES: list[tuple[str, tuple]] = [
     (r"lm_head/kernel$", ("fsdp", "tensor")),  # [M, V]
     (r"lm_head/bias$", ("tensor",)),
 ]
+
+
+#: Paths of stacked block parameters (``GPTConfig.scan_layers``): "blocks/" not followed by an index.
+_STACKED = re.compile(r"blocks/(?!\d+/)")
 
 
 def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
@@ -103,6 +108,8 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULE
     is left unsplit (e.g. GPT-2's vocabulary of 50,257 over 2 tensor shards)."""
     for pattern, dims in rules:
         if re.search(pattern, name):
+            if _STACKED.match(name) and len(shape) == len(dims) + 1:
+                dims = (None, *dims)  # every layer's slice split the same way
             if len(dims) != len(shape):
                 break
             out = []
