@@ -60,6 +60,30 @@ def test_gelu_variants_differ_and_match_their_formulas():
     assert 1e-5 < np.max(np.abs(np_gelu_exact(x) - np_gelu_tanh(x))) < 1e-2
 
 
+def _np_slope(act, x, h=1e-5):
+    """float64 central difference of the numpy formula."""
+    return (NP_ACT[act](x + h) - NP_ACT[act](x - h)) / (2 * h)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu"])
+def test_activation_derivatives_match_float64_and_every_transform_works(act):
+    """The written-out derivatives (what the backward pass uses) against float64 numpy, through
+    grad, jvp and a second derivative; in bf16 the gradient keeps the input's dtype."""
+    f = ops.activation_fn(act)
+    x = np.linspace(-6, 6, 121)
+    xs = jnp.asarray(x, jnp.float32)
+    grad = jax.jit(jax.vmap(jax.grad(f)), compiler_options=FAST)(xs)
+    np.testing.assert_allclose(np.asarray(grad), _np_slope(act, x), atol=2e-6)
+    _, tangent = jax.jvp(f, (xs,), (jnp.ones_like(xs),))
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(grad), atol=1e-7)
+    curvature = jax.jit(jax.vmap(jax.grad(jax.grad(f))), compiler_options=FAST)(xs)
+    want = (_np_slope(act, x + 1e-4) - _np_slope(act, x - 1e-4)) / 2e-4
+    np.testing.assert_allclose(np.asarray(curvature), want, atol=1e-4)
+    g16 = jax.grad(lambda v: jnp.sum(f(v).astype(jnp.float32)))(xs.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), _np_slope(act, x), atol=1e-2)
+
+
 def test_gated_feed_forward_matches_numpy():
     rng = np.random.default_rng(3)
     x, wg, wu, wd = (rng.standard_normal(s).astype(np.float32) for s in [(2, 5, 8), (8, 16), (8, 16), (16, 8)])

@@ -81,7 +81,7 @@ def test_rms_norm_matches_formula():
 
 
 def test_layer_norm_gradient_equals_autodiff_of_the_formula():
-    """layer_norm's hand-written backward (ops.norms.standardize) == autodiff of the textbook formula."""
+    """layer_norm's hand-written backward == autodiff of the textbook formula."""
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 2 + 0.5, jnp.float32)
     scale = jnp.asarray(rng.normal(size=16), jnp.float32)
@@ -97,6 +97,10 @@ def test_layer_norm_gradient_equals_autodiff_of_the_formula():
     want = jax.grad(lambda *a: jnp.sum(formula(*a) * g), argnums=(0, 1, 2))(x, scale, bias)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # without scale and bias: the formula with 1 and 0
+    bare = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, None, None) * g))(x)
+    ones = jax.grad(lambda x: jnp.sum(formula(x, jnp.ones(16), jnp.zeros(16)) * g))(x)
+    np.testing.assert_allclose(bare, ones, rtol=1e-4, atol=1e-5)
     # and in bf16 the gradient comes back in the input's dtype
     dx = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, scale, bias).astype(jnp.float32) * g))(x.astype(jnp.bfloat16))
     assert dx.dtype == jnp.bfloat16

@@ -4,16 +4,64 @@ Shape letters: M model width, F hidden width (the course uses F = 4M = 24).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_tanh_slope(x: jax.Array) -> jax.Array:
+    """d/dx of ``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``.
+
+    Written with ``s = sigmoid(2u) = (1 + tanh(u)) / 2``: ``s + 2 x s (1 - s) u'``. The tanh form
+    loses ``1 - tanh(u)^2`` to cancellation in float32 for large ``|x|``; this one does not.
+    """
+    s = jax.nn.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x**3))
+    return s + 2.0 * x * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+
+
+def _gelu_slope(x: jax.Array) -> jax.Array:
+    """d/dx of ``x Phi(x)``: ``Phi(x) + x phi(x)``."""
+    return 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _silu_slope(x: jax.Array) -> jax.Array:
+    """d/dx of ``x sigmoid(x)``: ``s (1 + x (1 - s))``."""
+    s = jax.nn.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _with_slope(f: Callable[[jax.Array], jax.Array], slope: Callable[[jax.Array], jax.Array]):
+    """``f`` whose derivative is ``slope``, computed in float32 and kept in the input's dtype.
+
+    Left to autodiff, a formula like GELU's keeps several of its intermediates (``x^3``, ``tanh``,
+    ...) from the forward pass for the backward one, each as large as the FFN's hidden layer
+    ``[B, T, F]``. With the derivative written out, the backward pass needs one such tensor, the
+    slope, and every transformation (grad, jvp, vmap) still works.
+    """
+
+    @jax.custom_jvp
+    def act(x):
+        return f(x)
+
+    @act.defjvp
+    def act_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return f(x), t * slope(x.astype(jnp.float32)).astype(t.dtype)
+
+    return act
+
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": _with_slope(lambda x: jax.nn.gelu(x, approximate=False), _gelu_slope),
     # GPT-2's "gelu_new": the tanh approximation.
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
+    "gelu_tanh": _with_slope(lambda x: jax.nn.gelu(x, approximate=True), _gelu_tanh_slope),
+    "silu": _with_slope(jax.nn.silu, _silu_slope),
 }
 
 

@@ -20,45 +20,52 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
     Returns:
       ``[..., M]`` in ``x``'s dtype.
     """
-    y = standardize(x.astype(jnp.float32), eps)
-    if scale is not None:
-        y = y * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    M = x.shape[-1]
+    scale = jnp.ones((M,), jnp.float32) if scale is None else scale
+    bias = jnp.zeros((M,), jnp.float32) if bias is None else bias
+    return _layer_norm(x, scale, bias, eps)
+
+
+# The backward pass is written out, as fused LayerNorm kernels do, with xhat = (x - mean) / std and
+# gs = g * scale:
+#   dx = (gs - mean(gs) - xhat * mean(gs * xhat)) / std,  dscale = sum(g * xhat),  dbias = sum(g).
+# Left to autodiff, XLA recomputes the mean and variance inside several backward fusions, and the
+# scale's gradient keeps the float32 xhat from the forward pass. Here the backward keeps x in its
+# own dtype (half the bytes of xhat under bf16), the per-row mean and 1 / std, and rebuilds xhat.
 
 
 @jax.custom_vjp
-def standardize(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """``(x - mean) / sqrt(var + eps)`` over the last axis: LayerNorm without scale and bias.
-
-    Its backward pass is written out, ``dx = (g - mean(g) - xhat * mean(g * xhat)) / std``, from
-    the saved ``xhat`` and ``1 / std``, as fused LayerNorm kernels do; left to autodiff, XLA
-    recomputes the mean and variance inside several backward fusions.
-    """
-    return _standardize(x, eps)[0]
+def _layer_norm(x, scale, bias, eps):
+    xhat, _, _ = _standardize(x, eps)
+    return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def _standardize(x, eps):
+    """float32 ``(xhat, mean, 1/std)`` over the last axis of ``x`` (any float dtype)."""
+    x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     centred = x - mean
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
-    return centred * rstd, rstd
+    return centred * rstd, mean, rstd
 
 
-def _standardize_fwd(x, eps):
-    xhat, rstd = _standardize(x, eps)
-    return xhat, (xhat, rstd, jnp.zeros_like(eps))
+def _layer_norm_fwd(x, scale, bias, eps):
+    return _layer_norm(x, scale, bias, eps), (x, scale, bias, *_standardize(x, eps)[1:], jnp.zeros_like(eps))
 
 
-def _standardize_bwd(res, g):
-    xhat, rstd, zero_eps = res  # eps is a constant: no gradient flows to it
-    g = g.astype(xhat.dtype)
-    dx = (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)) * rstd
-    return dx, zero_eps
+def _layer_norm_bwd(res, g):
+    x, scale, bias, mean, rstd, zero_eps = res  # eps is a constant: no gradient flows to it
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = g.astype(jnp.float32)
+    gs = g * scale.astype(jnp.float32)
+    dx = (gs - jnp.mean(gs, axis=-1, keepdims=True) - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)) * rstd
+    rows = tuple(range(g.ndim - 1))
+    dscale = jnp.sum(g * xhat, axis=rows).astype(scale.dtype)
+    dbias = jnp.sum(g, axis=rows).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias, zero_eps
 
 
-standardize.defvjp(_standardize_fwd, _standardize_bwd)
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float = 1e-6) -> jax.Array:
