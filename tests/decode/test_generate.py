@@ -129,6 +129,16 @@ def test_bfloat16_cache_runs_and_tracks_the_full_forward(make_gpt):
     assert np.abs(got - full).max() < 0.03 * scale, np.abs(got - full).max() / scale
 
 
+def test_forward_cached_updates_the_cache_in_place(tiny_model, tiny_cfg):
+    """The cache is donated: the new one reuses its buffers, so a step copies no cache."""
+    cache = init_cache(tiny_cfg, 1, 16)
+    kept = jax.tree.map(jnp.copy, cache)
+    _, new = forward_cached(tiny_model, np.zeros((1, 3), np.int32), cache)
+    assert cache.k[0].is_deleted() and not kept.k[0].is_deleted()
+    np.testing.assert_array_equal(np.asarray(new.lengths), [3])
+    assert np.any(np.asarray(new.k[0])[:, :, :3] != 0) and not np.any(np.asarray(kept.k[0]))
+
+
 def test_forward_cached_refuses_to_overflow(tiny_model, tiny_cfg):
     cache = init_cache(tiny_cfg, 1, 16)
     with pytest.raises(ValueError, match="do not fit"):

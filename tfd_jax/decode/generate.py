@@ -113,7 +113,7 @@ def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Arra
     return x, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_valid.astype(jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _forward_cached_jit(graphdef, state, tokens, cache, num_valid):
     TRACE_COUNTS["forward_cached"] += 1
     model = _eval_model(graphdef, state)
@@ -131,7 +131,9 @@ def forward_cached(model, tokens, cache: KVCache, num_valid=None) -> tuple[jax.A
     Args:
       model: a ``GPT`` (dropout is switched off inside).
       tokens: int ``[B, T]``; row ``b``'s tokens take positions ``cache.lengths[b] + 0..T-1``.
-      cache: a :class:`KVCache` with ``cache.lengths + T <= S_max`` in every row.
+      cache: a :class:`KVCache` with ``cache.lengths + T <= S_max`` in every row. It is donated:
+        the returned cache reuses its buffers in place, and the one passed in can no longer be read
+        (``copy.deepcopy`` or ``jax.tree.map(jnp.copy, cache)`` first to keep it).
       num_valid: int ``[B]``, how many of the ``T`` tokens of each row are real (right padding);
         defaults to ``T``.
     Returns:
