@@ -6,7 +6,8 @@
 # Writes into $OUT: gpu.txt and versions.txt (the machine), cudnn.txt (the cuDNN-vs-XLA tests),
 # bench_gpt2.jsonl (GPT-2 124M, bf16, T=1024: tfd_jax and the PyTorch reference, with the ratio and
 # the target checks on its last line), then, while BUDGET_S seconds last, tfd_jax-only variants
-# (variant_*.jsonl) that show what each fast path is worth.
+# (variant_*.jsonl) that show what each fast path is worth, and a kernel-by-kernel profile of the
+# training step (kernel_profile.jsonl).
 set -u
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
@@ -36,4 +37,10 @@ variant batch32 $B --batch-size 32
 variant no_lib_xla_flags TFD_JAX_XLA_FLAGS=0 $B
 variant xla_attention $B --attention-impl xla
 variant cublas_only XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $B
+t=$(left)
+if [ "$t" -ge 90 ]; then  # where the step's time goes now, kernel by kernel
+    timeout $((t - 5)) python3 experiments/kernel_profile.py 2>&1 | tee "$OUT/kernel_profile.jsonl" | tail -c 2000
+else
+    echo "skipped kernel_profile: $t s left" | tee -a "$OUT/skipped.txt"
+fi
 echo "done in $((SECONDS - start)) s"
