@@ -17,7 +17,7 @@ from tfd_jax.models import GPT, GPTConfig
 from tfd_jax.train import sharding as shd
 from tfd_jax.train.metrics import read_metrics
 from tfd_jax.train.optim import OptimConfig, make_optimizer
-from tfd_jax.train.step import init_state, make_train_step, split_model
+from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
 
 CFG = GPTConfig.preset("tiny", vocab_size=61, d_model=32, num_heads=4, num_layers=2, context_length=16)
 
@@ -121,6 +121,30 @@ def test_sharded_step_equals_single_device_and_params_follow_the_rules(scan):
         got = nnx.to_pure_dict(got)
     assert jax.tree.structure(expected) == jax.tree.structure(got)
     assert max_diff(expected, got) < 1e-5
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_dropout_draws_in_the_train_step(scan):
+    """The dropout streams (with scan_layers: one key per layer) are reseeded from the step's key:
+    the same state gives the same loss, another seed other masks."""
+    cfg = CFG.replace(dropout=0.1, scan_layers=scan)
+    model = GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    graphdef, params, rest = split_model(model)
+    opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+    step = jax.jit(make_train_step(graphdef, rest, opt, sched, dropout_tags=rng_tags(model)))
+    batch = make_batch(4)
+    losses = [float(step(init_state(params, opt, seed, "fp32"), batch)[1]["loss"]) for seed in (0, 0, 1)]
+    assert np.isfinite(losses).all()
+    assert losses[0] == losses[1] and abs(losses[0] - losses[2]) > 1e-4
+
+
+def test_stacked_block_parameters_keep_the_layer_axis_unsplit():
+    mesh = shd.make_mesh("data=2,fsdp=2,tensor=2")
+    for prefix in ("", "model/"):  # also inside a larger module
+        assert shd.spec_for(prefix + "blocks/attn/q/kernel", (2, 32, 32), mesh) == P(None, "fsdp", "tensor")
+        assert shd.spec_for(prefix + "blocks/ffn/w_out/kernel", (2, 128, 32), mesh) == P(None, "tensor", "fsdp")
+        assert shd.spec_for(prefix + "blocks/1/attn/q/kernel", (32, 32), mesh) == P("fsdp", "tensor")
+        assert shd.spec_for(prefix + "blocks/ln1/scale", (2, 32), mesh) == P()
 
 
 def test_mesh_spec_errors():

@@ -39,7 +39,7 @@ PARTITION_RULES: list[tuple[str, tuple]] = [
 
 
 #: Paths of stacked block parameters (``GPTConfig.scan_layers``): "blocks/" not followed by an index.
-_STACKED = re.compile(r"blocks/(?!\d+/)")
+_STACKED = re.compile(r"(?:^|/)blocks/(?!\d+/)")
 
 
 def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
@@ -108,7 +108,7 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, rules=PARTITION_RULE
     is left unsplit (e.g. GPT-2's vocabulary of 50,257 over 2 tensor shards)."""
     for pattern, dims in rules:
         if re.search(pattern, name):
-            if _STACKED.match(name) and len(shape) == len(dims) + 1:
+            if _STACKED.search(name) and len(shape) == len(dims) + 1:
                 dims = (None, *dims)  # every layer's slice split the same way
             if len(dims) != len(shape):
                 break

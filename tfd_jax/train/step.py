@@ -78,9 +78,11 @@ def make_train_step(
     """
 
     def loss_sums(params, batch, key):
-        model = nnx.merge(graphdef, params, rest)
+        # copy=True: variables of this trace's own, so reseeding (and dropout's counters) may write them
+        model = nnx.merge(graphdef, params, rest, copy=True)
         if dropout_tags:
-            nnx.reseed(model, **{t: key for t in dropout_tags})
+            # match_shape: a scan_layers model's streams hold one key per layer ([L]); each gets its own.
+            nnx.reseed(model, policy="match_shape", **{t: key for t in dropout_tags})
         return batch_loss_sums(model, batch)
 
     def grads_of(params, batch, key, scale):
