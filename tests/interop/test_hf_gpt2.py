@@ -342,3 +342,5 @@ def test_hub_errors_are_clear(monkeypatch, tmp_path):
 def test_bad_load_options():
     with pytest.raises(TypeError, match="num_layers"):
         load_hf_gpt2(make_hf(), num_layers=3)
+    with pytest.raises(ValueError, match="scan_layers must be True or False"):
+        load_hf_gpt2(make_hf(), scan_layers="no")

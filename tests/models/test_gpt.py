@@ -496,6 +496,24 @@ def test_scan_layers_stores_the_same_weights_stacked():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert count_params(scanned) == count_params(plain) == cfg.num_params()
     assert with_layout(plain, scan_layers=False) is plain
+    # The converted model has variables of its own: writing one leaves the other model alone.
+    back.tok_embed.embedding.set_value(jnp.zeros_like(back.tok_embed.embedding.get_value()))
+    assert float(jnp.abs(scanned.tok_embed.embedding.get_value()).max()) > 0
+    # block_list() gives the stacked blocks one by one
+    second = scanned.block_list()[1]
+    np.testing.assert_array_equal(np.asarray(second.attn.q.kernel[...]), np.asarray(plain.blocks[1].attn.q.kernel[...]))
+
+
+def test_scanned_model_in_eval_mode_can_be_closed_over():
+    """In eval mode the scan writes nothing back, so plain JAX transforms may close over the model
+    (dropout rate > 0: the course's 0.1)."""
+    scanned = build_named("course", scan_layers=True)
+    tokens = tokens_for(scanned)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda t: scanned(t))(tokens)),
+                               np.asarray(run(shared("course"), tokens)), rtol=1e-5, atol=1e-6)
+    x = scanned.embed(tokens, default_positions(*tokens.shape))
+    g = jax.grad(lambda x: scanned.forward_embeddings(x)[:, 2].sum())(x)
+    assert float(jnp.abs(g[:, :3]).max()) > 0 and float(jnp.abs(g[:, 3:]).max()) == 0  # causal
 
 
 def test_scan_layers_must_be_a_bool():

@@ -101,6 +101,11 @@ def test_layer_norm_gradient_equals_autodiff_of_the_formula():
     bare = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, None, None) * g))(x)
     ones = jax.grad(lambda x: jnp.sum(formula(x, jnp.ones(16), jnp.zeros(16)) * g))(x)
     np.testing.assert_allclose(bare, ones, rtol=1e-4, atol=1e-5)
+    # per-feature parameters given as [1, 1, M] work, gradients included; a wrong width is refused
+    g3 = jax.grad(lambda s: jnp.sum(ops.layer_norm(x, s, bias) * g))(scale.reshape(1, 1, 16))
+    np.testing.assert_allclose(g3.reshape(16), want[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"scale must have shape \[16\]"):
+        ops.layer_norm(x, jnp.ones(8), None)
     # and in bf16 the gradient comes back in the input's dtype
     dx = jax.grad(lambda x: jnp.sum(ops.layer_norm(x, scale, bias).astype(jnp.float32) * g))(x.astype(jnp.bfloat16))
     assert dx.dtype == jnp.bfloat16

@@ -45,6 +45,7 @@ from flax import nnx
 
 from tfd_jax import ops
 from tfd_jax.decode.cache import KVCache, as_bshd, bucket_length, init_cache, write_rows
+from tfd_jax.models.gpt import with_layout
 
 #: How many times each jitted function's Python body has been traced (traced = about to compile).
 #: Tests read it to prove that a second call in the same bucket compiles nothing new.
@@ -57,8 +58,10 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def _eval_model(graphdef, state):
-    """Rebuild the model inside a traced function, with dropout off (inference)."""
-    model = nnx.merge(graphdef, state)
+    """Rebuild the model inside a traced function, with dropout off (inference) and its blocks one
+    by one: a ``scan_layers`` model's stacked parameters are sliced here, once per call, outside
+    the decode loop."""
+    model = with_layout(nnx.merge(graphdef, state), scan_layers=False)
     model.eval()
     return model
 
@@ -97,9 +100,7 @@ def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Arra
     mask = ops.causal_mask(T, S, offset=start)  # [B, 1, T, S]
     new_k, new_v = [], []
     x = model.embed(tokens, positions)
-    # A scan_layers model's stacked parameters are sliced per layer here; inside the decode loop the
-    # slices do not change from step to step, and XLA hoists them out of the loop.
-    for i, block in enumerate(model.block_list()):
+    for i, block in enumerate(model.blocks):
 
         def attn_fn(h, block=block, i=i):
             q, k, v = block.attn.project(h, None, positions)

@@ -458,7 +458,9 @@ def load_hf_gpt2(
             f"only {sorted(_LOAD_OVERRIDES)} may be set"
         )
     hf_config, loaders, origin = _open(source, revision)
-    scan_layers = bool(overrides.pop("scan_layers", False))  # filled block by block, stacked at the end
+    scan_layers = overrides.pop("scan_layers", False)  # filled block by block, stacked at the end
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"scan_layers must be True or False, got {scan_layers!r}")
     cfg = gpt2_config_from_hf(hf_config, param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
 
     short, stored = _strip_prefix(loaders, origin)

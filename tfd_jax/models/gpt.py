@@ -203,20 +203,25 @@ class GPT(nnx.Module):
     def _scan_blocks(self, run, x: jax.Array, saveable) -> jax.Array:
         """``x = run(block, x)`` for each of the stacked blocks, as one ``lax.scan``.
 
-        The scan body rebuilds one block from its slice of the stacked parameters ``[L, ...]``. The
-        rest of the blocks' state (each dropout stream's key and counter) is scanned over too and the
-        advanced counters are written back, so dropout draws the masks the unrolled model draws.
+        The scan body rebuilds one block from its slice of the stacked variables ``[L, ...]``. When
+        dropout is drawing (training, rate > 0), each layer's advanced stream counters come out of
+        the scan and are written back, so the masks are those of the unrolled model; otherwise
+        nothing is written, and the model can be closed over by any JAX transform.
         """
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+        drawing = any(
+            isinstance(m, Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_graph(self.blocks)
+        )
 
         def body(h, slices):
             block = nnx.merge(graphdef, *slices)
-            return run(block, h), nnx.state(block, nnx.Not(nnx.Param))
+            return run(block, h), (nnx.state(block, nnx.RngCount) if drawing else None)
 
         if saveable is not None:
             body = jax.checkpoint(body, policy=saveable, prevent_cse=False)
-        x, new_rest = jax.lax.scan(body, x, (params, rest))
-        nnx.update(self.blocks, new_rest)
+        x, counts = jax.lax.scan(body, x, (params, rest))
+        if drawing:
+            nnx.update(self.blocks, counts)
         return x
 
     def block_list(self) -> list[Block]:
@@ -256,7 +261,7 @@ def with_layout(model: GPT, *, scan_layers: bool) -> GPT:
     if model.config.scan_layers == scan_layers:
         return model
     graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, state)
+    new = nnx.merge(graphdef, state, copy=True)  # new variables: the two models never write to each other
     new.config = model.config.replace(scan_layers=scan_layers)
     if scan_layers:
         new.blocks = stack_blocks(model.blocks)

@@ -36,7 +36,7 @@ def _silu_slope(x: jax.Array) -> jax.Array:
 
 
 def _with_slope(f: Callable[[jax.Array], jax.Array], slope: Callable[[jax.Array], jax.Array]):
-    """``f`` whose derivative is ``slope``, computed in float32 and kept in the input's dtype.
+    """``f`` whose derivative is ``slope``, computed in float32 (or wider) and kept in the input's dtype.
 
     Left to autodiff, a formula like GELU's keeps several of its intermediates (``x^3``, ``tanh``,
     ...) from the forward pass for the backward one, each as large as the FFN's hidden layer
@@ -51,7 +51,7 @@ def _with_slope(f: Callable[[jax.Array], jax.Array], slope: Callable[[jax.Array]
     @act.defjvp
     def act_jvp(primals, tangents):
         (x,), (t,) = primals, tangents
-        return f(x), t * slope(x.astype(jnp.float32)).astype(t.dtype)
+        return f(x), t * slope(x.astype(jnp.promote_types(x.dtype, jnp.float32))).astype(t.dtype)
 
     return act
 

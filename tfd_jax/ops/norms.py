@@ -21,9 +21,16 @@ def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ep
       ``[..., M]`` in ``x``'s dtype.
     """
     M = x.shape[-1]
-    scale = jnp.ones((M,), jnp.float32) if scale is None else scale
-    bias = jnp.zeros((M,), jnp.float32) if bias is None else bias
+    scale = jnp.ones((M,), jnp.float32) if scale is None else _features(scale, M, "scale")
+    bias = jnp.zeros((M,), jnp.float32) if bias is None else _features(bias, M, "bias")
     return _layer_norm(x, scale, bias, eps)
+
+
+def _features(p: jax.Array, M: int, name: str) -> jax.Array:
+    """A per-feature parameter as ``[M]`` (``[1, 1, M]`` and the like are accepted)."""
+    if p.size != M or (p.ndim and p.shape[-1] != M):
+        raise ValueError(f"layer_norm: {name} must have shape [{M}] (the input's last axis), got {p.shape}")
+    return p.reshape(M)
 
 
 # The backward pass is written out, as fused LayerNorm kernels do, with xhat = (x - mean) / std and
