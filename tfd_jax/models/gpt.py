@@ -253,7 +253,8 @@ def unstack_blocks(stacked: Block, num_layers: int) -> list[Block]:
 def with_layout(model: GPT, *, scan_layers: bool) -> GPT:
     """The same model (same weights, dropout streams and mode) with its blocks stored stacked for
     ``scan_layers=True`` or one by one for ``False``. Returns ``model`` itself when it already has
-    that layout; otherwise a new ``GPT`` (the arrays of its other parameters are shared, not copied).
+    that layout; otherwise a new ``GPT`` with variables of its own (the arrays outside the blocks
+    are shared, which is safe: JAX arrays are immutable).
 
     Use it to load a checkpoint trained with one layout into code that wants the other, or to decode
     from a scanned model without slicing its stacked parameters at every step.

@@ -43,8 +43,11 @@ def _features(p: jax.Array, M: int, name: str) -> jax.Array:
 
 @jax.custom_vjp
 def _layer_norm(x, scale, bias, eps):
-    xhat, _, _ = _standardize(x, eps)
-    return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    return _affine(_standardize(x, eps)[0], scale, bias, x.dtype)
+
+
+def _affine(xhat, scale, bias, dtype):
+    return (xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
 def _standardize(x, eps):
@@ -57,7 +60,8 @@ def _standardize(x, eps):
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
-    return _layer_norm(x, scale, bias, eps), (x, scale, bias, *_standardize(x, eps)[1:], jnp.zeros_like(eps))
+    xhat, mean, rstd = _standardize(x, eps)
+    return _affine(xhat, scale, bias, x.dtype), (x, scale, bias, mean, rstd, jnp.zeros_like(eps))
 
 
 def _layer_norm_bwd(res, g):
