@@ -25,8 +25,8 @@ class GPT(nnx.Module):
     (or just ``nnx.Rngs(0)``) when training with dropout.
 
     ``model.blocks`` holds the L blocks one by one, or, with ``config.scan_layers``, one ``Block``
-    whose variables are stacked ``[L, ...]`` and run as a ``lax.scan``; ``model.block_list()`` gives
-    them one by one in either layout.
+    whose variables are stacked ``[L, ...]`` and run as a ``lax.scan``;
+    ``with_layout(model, scan_layers=False).blocks`` gives them one by one.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
@@ -223,13 +223,6 @@ class GPT(nnx.Module):
         if drawing:
             nnx.update(self.blocks, counts)
         return x
-
-    def block_list(self) -> list[Block]:
-        """The blocks in order. With ``scan_layers`` these are new modules holding copies sliced
-        from the stacked parameters: read them, do not train them."""
-        if self.config.scan_layers:
-            return unstack_blocks(self.blocks, self.config.num_layers)
-        return list(self.blocks)
 
 
 def stack_blocks(blocks) -> Block:
