@@ -173,7 +173,7 @@ def pystdlib(split: str = "train", *, root: str | os.PathLike | None = None,
     if not docs:
         raise ValueError(
             f"found no .py files under {base} (this Python may ship its standard library compiled "
-            "only); use --corpus tinyshakespeare or a text file instead"
+            "only); use the tinyshakespeare corpus or a text file instead"
         )
     return _split_documents(docs, split, val_fraction)
 
@@ -295,7 +295,7 @@ def local_documents(spec: str | os.PathLike) -> list[Document]:
         if not files:
             raise ValueError(
                 f"directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)}); "
-                "point --corpus at a file, or use a glob such as 'DIR/**/*.csv'"
+                "give a text file instead, or a glob such as 'DIR/**/*.csv' for other kinds of files"
             )
         return [Document(p.relative_to(path).as_posix(), read_text(p)) for p in files]
     if _is_glob(spec):

@@ -134,6 +134,8 @@ def run_generate(args, out: TextIO | None = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.chunk_size < 1:
             raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        if not 0 <= args.seed < 2**31:
+            raise ValueError(f"--seed must be in 0..2^31-1, got {args.seed}")
     except ValueError as e:
         raise UserError(str(e)) from None
     model, tokenizer = _load(args)

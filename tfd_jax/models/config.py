@@ -77,6 +77,7 @@ class GPTConfig:
             (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
             (self.context_length > 0, f"context_length must be positive, got {self.context_length}"),
             (self.d_model > 0 and self.num_heads > 0 and self.num_layers > 0, "d_model, num_heads and num_layers must be positive"),
+            (self.d_ff > 0, f"d_ff must be positive (0 means 4 x d_model), got {self.d_ff}"),
             (
                 self.d_model % self.num_heads == 0,
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
@@ -91,6 +92,8 @@ class GPTConfig:
             ),
             (self.positions != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head dim, got {self.head_dim}"),
             (0.0 <= self.dropout < 1.0 and 0.0 <= self.embed_dropout < 1.0, "dropout rates must be in [0, 1)"),
+            (0.0 < self.norm_eps < 1.0, f"norm_eps must be in (0, 1), got {self.norm_eps}"),
+            (1.0 < self.rope_base < float("inf"), f"rope_base must be a finite number > 1, got {self.rope_base}"),
             (self.init in ("gpt2", "xavier"), f"init must be 'gpt2' or 'xavier', got {self.init!r}"),
             (
                 self.attention_impl in ("reference", "xla", "cudnn", "splash", "auto"),

@@ -6,6 +6,8 @@ the course's "zero the rest and renormalise" step.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -78,7 +80,7 @@ def check_sampling_args(
     *, temperature: float, top_k: int | None, top_p: float | None, allow_greedy: bool = True
 ) -> None:
     """Raise a clear ``ValueError`` for settings that make no sense (before anything compiles)."""
-    if temperature < 0 or (temperature == 0 and not allow_greedy):
+    if not math.isfinite(temperature) or temperature < 0 or (temperature == 0 and not allow_greedy):
         raise ValueError(
             f"temperature must be {'>= 0 (0 means greedy)' if allow_greedy else '> 0'}, got {temperature}"
         )
