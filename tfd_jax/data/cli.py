@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    import shutil
     from pathlib import Path
 
     from tfd_jax.cli import UserError
@@ -47,12 +48,40 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise UserError(f"--max-bytes must be positive, not {args.max_bytes}")
     tokenizer = load_tokenizer(args.tokenizer)
-    for split in ("train", "val"):
-        corpus = load_corpus(args.corpus, split=split, max_bytes=args.max_bytes)
-        tf = write_tokens(corpus, tokenizer, out / split, progress=not args.no_progress)
-        print(
-            f"{split}: {corpus.num_chars:,} chars in {len(corpus)} documents -> {tf.num_tokens:,} tokens "
-            f"({tf.tokens.dtype.name}) in {tf.path}",
-            file=sys.stdout,
-        )
+    _check_not_another_runs_data(out, tokenizer)
+    # Read both splits before writing anything, so a bad corpus leaves no directory behind.
+    corpora = {split: load_corpus(args.corpus, split=split, max_bytes=args.max_bytes) for split in ("train", "val")}
+    created = not out.exists()
+    try:
+        for split, corpus in corpora.items():
+            tf = write_tokens(corpus, tokenizer, out / split, progress=not args.no_progress)
+            print(
+                f"{split}: {corpus.num_chars:,} chars in {len(corpus)} documents -> {tf.num_tokens:,} tokens "
+                f"({tf.tokens.dtype.name}) in {tf.path}",
+                file=sys.stdout,
+            )
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return 0
+
+
+def _check_not_another_runs_data(out, tokenizer) -> None:
+    """``--out RUN/data`` of a training run: refuse a tokenizer other than the run's (its ids would
+    mean other things to the run's model) and a run that is training now."""
+    from tfd_jax.cli import UserError
+    from tfd_jax.train.rundir import RunLock, is_run
+
+    run = out.parent
+    if out.name != "data" or not is_run(run):
+        return
+    from tfd_jax.tokenizers.base import load_tokenizer
+
+    theirs = load_tokenizer(run / "tokenizer")
+    if theirs.fingerprint() != tokenizer.fingerprint():
+        raise UserError(
+            f"--out {out} is the data of the training run {run}, whose tokenizer is another one; pass "
+            f"--tokenizer {run / 'tokenizer'} to prepare data for that run, or choose another --out"
+        )
+    RunLock.acquire(run).release()  # refuses while the run is training

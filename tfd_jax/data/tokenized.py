@@ -9,8 +9,9 @@ three files next to each other:
 ``NAME.offsets.npy``
     ``int64 [D + 1]``: document ``d`` is ``tokens[offsets[d]:offsets[d + 1]]``, used by packing;
 ``NAME.json``
-    a small record: dtype, length, number of documents, vocab size, tokenizer kind, eos id, and the
-    corpus spec it came from. It is written last, so its presence means the files are complete.
+    a small record: dtype, length, number of documents, vocab size, tokenizer kind and
+    fingerprint, eos id, and the corpus spec it came from. It is written last, so its presence
+    means the files are complete.
 
 If the tokenizer has an ``eos_id``, it is appended to **every** document (the last one too), so a
 model trained on the flat stream learns where documents end, and the eos is part of its document's
@@ -177,6 +178,7 @@ def write_tokens(
         "num_documents": len(offsets) - 1,
         "vocab_size": vocab_size,
         "tokenizer": getattr(tokenizer, "kind", type(tokenizer).__name__),
+        "tokenizer_fingerprint": tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None,
         "eos_id": eos,
         "eos_between_documents": eos is not None,
         "source": corpus.spec,
@@ -230,3 +232,33 @@ def load_tokens(path: str | os.PathLike, split: str | None = None) -> TokenFile:
     if offsets[0] != 0 or offsets[-1] != length or np.any(np.diff(offsets) < 0):
         raise ValueError(f"{offsets_path} does not match {bin_path}; prepare the data again")
     return TokenFile(tokens=tokens, offsets=offsets, meta=meta, path=bin_path)
+
+
+def check_tokenizer(tf: TokenFile, tokenizer) -> None:
+    """Raise ``ValueError`` (naming the file) if ``tf`` was not made with ``tokenizer``.
+
+    Compares the recorded fingerprint (:meth:`Tokenizer.fingerprint`); files from before
+    fingerprints were recorded are compared by kind, vocabulary size and eos id.
+    """
+    meta = tf.meta
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is not None and hasattr(tokenizer, "fingerprint"):
+        same = recorded == tokenizer.fingerprint()
+    else:
+        same = (meta.get("vocab_size") == tokenizer.vocab_size
+                and meta.get("eos_id") == getattr(tokenizer, "eos_id", None)
+                and meta.get("tokenizer") in (None, getattr(tokenizer, "kind", None)))
+    if not same:
+        theirs = f"{meta.get('tokenizer')}, {meta.get('vocab_size')} tokens"
+        ours = f"{getattr(tokenizer, 'kind', type(tokenizer).__name__)}, {tokenizer.vocab_size} tokens"
+        raise ValueError(
+            f"{tf.path} was made with another tokenizer ({theirs}) than this one ({ours}); its ids mean "
+            "other things: prepare it again with this tokenizer"
+        )
+
+
+def identity(tf: TokenFile) -> dict[str, Any]:
+    """What a training run records about its token files, to tell later whether they changed."""
+    meta = tf.meta
+    return {"tokens": tf.num_tokens, "documents": tf.num_documents, "source": meta.get("source"),
+            "tokenizer_fingerprint": meta.get("tokenizer_fingerprint")}

@@ -124,6 +124,21 @@ class Tokenizer(abc.ABC):
             )
         return target._from_record(record, directory)
 
+    def fingerprint(self) -> str:
+        """A short hash of everything that defines this tokenizer (what :meth:`save` writes):
+        equal fingerprints mean the same text gives the same ids. Token files record it, so a
+        training run can tell whether they were made with its tokenizer."""
+        import hashlib
+        import tempfile
+
+        h = hashlib.sha256()
+        with tempfile.TemporaryDirectory() as d:
+            self.save(d)
+            for p in sorted(Path(d).rglob("*")):
+                if p.is_file():
+                    h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
+
     # --- conveniences -------------------------------------------------------------------------
     def special_ids(self) -> dict[str, int]:
         """The special ids this tokenizer has, e.g. ``{"unk": 0, "bos": 1, "eos": 2, "pad": 3}``."""
