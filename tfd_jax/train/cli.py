@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 
 from tfd_jax.cli import UserError
 
@@ -59,8 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--force", action="store_true", help="delete whatever run is in --out and start over")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint, with its own settings; only --steps, "
+                        "the logging/eval/checkpoint cadence, --mesh, --grad-accum, --remat and --attention may change")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --out with a new one (only a run directory, and only once the new run's settings and data are checked)")
     p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--profile", default=None, metavar="DIR", help="write a JAX profiler trace of a few steps to DIR")
@@ -68,58 +72,82 @@ def register(subparsers) -> None:
                    help="attention implementation (splash: the Pallas TPU kernel, opt-in)")
     p.add_argument("--debug-nan-at", type=int, action="append", default=[], metavar="STEP", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+    _track_given(p)
 
 
-def config_from_args(args) -> "TrainConfig":  # noqa: F821
+class _Given(argparse.Action):
+    """Wraps an argparse action and records, in ``namespace._given``, that its flag was given."""
+
+    def __init__(self, inner: argparse.Action):
+        self.inner = inner
+        super().__init__(inner.option_strings, inner.dest, nargs=inner.nargs, const=inner.const,
+                         default=inner.default, type=inner.type, choices=inner.choices,
+                         required=inner.required, help=inner.help, metavar=inner.metavar)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        self.inner(parser, namespace, values, option_string)
+        given = set(getattr(namespace, "_given", ()))
+        given.add(self.dest)
+        namespace._given = given
+
+
+def _track_given(parser: argparse.ArgumentParser) -> None:
+    """Make the parser note which flags were given, so a resume applies only those (and compares
+    only those with the run), whatever their defaults."""
+    for i, action in enumerate(parser._actions):
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            wrapped = _Given(action)
+            parser._actions[i] = wrapped
+            for opt in action.option_strings:
+                parser._option_string_actions[opt] = wrapped
+            for group in parser._action_groups:
+                group._group_actions[:] = [wrapped if a is action else a for a in group._group_actions]
+
+
+def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig":  # noqa: F821
+    """The run's settings from the flags. ``base`` (a resumed run's settings): only the flags that
+    were given change it; without it every flag applies (a new run)."""
     from tfd_jax.train.loop import TrainConfig
 
-    d = TrainConfig()
-    overrides = parse_model_overrides(args.model)
-    if args.dropout is not None:
+    given = getattr(args, "_given", None)
+    if base is None or given is None:
+        base, given = TrainConfig(), None
+
+    def was(*dests):
+        return given is None or any(d in given for d in dests)
+
+    overrides = dict(base.model_overrides)
+    if was("model"):
+        overrides.update(parse_model_overrides(args.model))
+    if was("dropout") and args.dropout is not None:
         overrides["dropout"] = args.dropout
-    if args.remat:
+    if was("remat") and args.remat:
         overrides["remat"] = args.remat
-    if args.attention:
+    if was("attention") and args.attention:
         overrides["attention_impl"] = args.attention
-    if args.scan_layers:
+    if was("scan_layers") and args.scan_layers:
         overrides["scan_layers"] = True
-    optim = dataclasses.replace(
-        d.optim,
-        name=args.optimizer,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup_steps=args.warmup,
-        weight_decay=args.weight_decay,
-        b2=args.beta2,
-    )
-    return TrainConfig(
-        out=args.out,
-        data=args.data,
-        max_bytes=args.max_bytes or None,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        preset=args.preset,
-        model_overrides=overrides,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        grad_accum=args.grad_accum,
-        sampling=args.sampling,
-        optim=optim,
-        precision=args.precision,
-        mesh=args.mesh,
-        seed=args.seed,
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        ckpt_every=args.ckpt_every,
-        resume=args.resume,
-        force=args.force,
-        samples=args.samples,
-        progress=not args.no_progress,
-        debug_nan_steps=tuple(args.debug_nan_at),
-        profile_dir=args.profile,
-    )
+    optim_flags = {"optimizer": "name", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
+                   "weight_decay": "weight_decay", "beta2": "b2"}
+    optim = dataclasses.replace(base.optim, **{field: getattr(args, dest) for dest, field in optim_flags.items() if was(dest)})
+    direct = {
+        "data": args.data, "max_bytes": args.max_bytes or None, "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size, "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "grad_accum": args.grad_accum, "sampling": args.sampling,
+        "precision": args.precision, "mesh": args.mesh, "seed": args.seed, "log_every": args.log_every,
+        "eval_every": args.eval_every, "eval_batches": args.eval_batches, "ckpt_every": args.ckpt_every,
+        "samples": args.samples,
+    }
+    changes = {k: v for k, v in direct.items() if was(k)}
+    if was("no_progress"):
+        changes["progress"] = not args.no_progress
+    if was("debug_nan_at"):
+        changes["debug_nan_steps"] = tuple(args.debug_nan_at)
+    if was("profile"):
+        changes["profile_dir"] = args.profile
+    changes["out"] = args.out  # the directory named here, wherever the run was started from
+    return dataclasses.replace(base, model_overrides=overrides, optim=optim, resume=args.resume, force=args.force,
+                               **changes)
 
 
 def parse_model_overrides(items: list[str]) -> dict:
@@ -151,11 +179,16 @@ def parse_model_overrides(items: list[str]) -> dict:
 
 
 def run(args) -> int:
-    from tfd_jax.train.loop import TrainingError, summary_json, train
+    from tfd_jax.train import checkpoint as ckpt
+    from tfd_jax.train import rundir
+    from tfd_jax.train.config import TrainConfig
+    from tfd_jax.train.loop import summary_json, train
 
-    try:
-        summary = train(config_from_args(args))
-    except TrainingError as e:
-        raise UserError(str(e)) from None
+    base = None
+    if args.resume and rundir.is_run(args.out):
+        # a resumed run keeps its own settings: only the flags given here change (or are refused)
+        base = TrainConfig.from_dict(ckpt.read_config(args.out)["train"])
+    summary = train(config_from_args(args, base))
     print(summary_json(summary))
-    return 0
+    stopped = summary.get("stopped_by_signal")
+    return 128 + int(getattr(signal.Signals, stopped)) if stopped else 0

@@ -2,13 +2,17 @@
 
 ``train(TrainConfig(...))`` is what ``tfd-jax train`` runs. In order:
 
-1. check the run directory (never overwrite a run without ``resume`` or ``force``);
-2. load the corpus, train (or, on resume, reload) the tokenizer, tokenize train and val splits;
+1. check every setting, the mesh and the run directory before anything is written; a new run is
+   made in a staging directory and moved into ``out`` whole (``rundir``), a resumed run must keep
+   its settings (``config.resume_changes``), and the run directory is locked for as long as the
+   run lasts;
+2. load the corpus, train the tokenizer, tokenize train and val splits (on resume: check the run's
+   token files against its tokenizer and the identity recorded when it started);
 3. build the mesh, initialise the sharded model and optimizer state directly on the devices;
-4. on resume, restore state and data iterator from the latest checkpoint (onto this mesh);
+4. on resume, restore state and data iterator from the newest intact checkpoint (onto this mesh);
 5. loop: one jitted, donated step per batch; every ``log_every`` steps pull metrics to the host,
    write ``metrics.jsonl`` and update the progress bar; evaluate every ``eval_every``; save every
-   ``ckpt_every`` and at the end; stop cleanly on SIGTERM (saving first) and on repeated
+   ``ckpt_every`` and at the end; stop cleanly on SIGTERM or SIGINT (saving first) and on repeated
    non-finite steps (not saving: the last good checkpoint stays the newest);
 6. draw ``loss.png`` and print a few samples.
 """
@@ -16,102 +20,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tfd_jax.faults import silence_orbax_aftermath, system_fault
 from tfd_jax.models import GPT, GPTConfig
 from tfd_jax.train import checkpoint as ckpt
 from tfd_jax.train import metrics as mx
+from tfd_jax.train import rundir
 from tfd_jax.train import sharding as shd
-from tfd_jax.train.optim import OptimConfig, make_optimizer
+from tfd_jax.train.config import RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
+from tfd_jax.train.optim import make_optimizer
 from tfd_jax.train.precision import compute_dtype, default_precision
 from tfd_jax.train.step import init_state, make_eval_step, make_train_step, rng_tags, split_model
 
-
-class TrainingError(RuntimeError):
-    """The run stopped for a reason the user should read (diverged, bad run directory, ...)."""
+__all__ = ["TrainConfig", "TrainingError", "RunFailed", "Stopped", "train", "model_config_for", "summary_json"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything ``tfd-jax train`` can set. Defaults: the README's main job (a few minutes on a laptop CPU)."""
+class RunFailed(TrainingError):
+    """The run started but could not go on (diverged, a full disk, ...); the message says what is safe."""
 
-    out: str = "runs/pystdlib"
-    data: str = "pystdlib"
-    max_bytes: int | None = 3_000_000  # cap on the training text, for quick runs (None = all)
-    tokenizer: str = "spm"  # "spm" (sentencepiece BPE), "bpe" (the course's, from scratch), "char"
-    vocab_size: int = 2048
-    preset: str = "small"
-    model_overrides: dict = field(default_factory=dict)
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
-    sampling: str = "random"  # where training windows start: "random" (nanoGPT's) or "epochs"
-    grad_accum: int = 1
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, b2=0.99))
-    precision: str | None = None  # None: bf16 on GPU/TPU, fp32 on CPU
-    mesh: str | None = None
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    ckpt_every: int = 100
-    keep_checkpoints: int = 3
-    resume: bool = False
-    force: bool = False
-    max_nonfinite_streak: int = 5
-    spike_factor: float = 2.0  # report a loss spike above this multiple of the running average
-    samples: int = 3
-    sample_tokens: int = 60
-    sample_prompts: tuple[str, ...] | None = None
-    progress: bool = True
-    profile_dir: str | None = None  # write a JAX profiler trace of a few steps here
-    profile_steps: int = 5
-    debug_nan_steps: tuple[int, ...] = ()  # poison these steps' loss with NaN, to rehearse the failure path
+    exit_code = 1
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["optim"] = dataclasses.asdict(self.optim)
-        return d
+
+class Stopped(TrainingError):
+    """Interrupted (a second Ctrl-C) before a checkpoint could be saved."""
+
+    exit_code = 130
 
 
 # --- setup helpers ---------------------------------------------------------------------------
-
-
-def _check_run_dir(cfg: TrainConfig) -> Path:
-    """Refuse to touch an existing run unless asked. Every process checks (read-only) before process 0
-    changes anything, so on a shared filesystem they all reach the same verdict."""
-    out = Path(cfg.out)
-    has_run = (out / ckpt.CONFIG_FILE).exists() or (out / ckpt.CHECKPOINT_DIR).exists()
-    if cfg.resume and cfg.force:
-        raise TrainingError("use either --resume (continue the run) or --force (start over), not both")
-    if cfg.resume and not has_run:
-        raise TrainingError(f"--resume: {out} holds no run to continue")
-    if not cfg.resume and not cfg.force:
-        if has_run:
-            raise TrainingError(
-                f"{out} already holds a run; pass --resume to continue it, --force to delete it and start "
-                "over, or choose another --out"
-            )
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise TrainingError(f"{out} exists and is not an empty directory; choose another --out or pass --force")
-    _sync("run_dir_checked")
-    if jax.process_index() == 0:
-        if cfg.force and out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    _sync("run_dir_ready")
-    return out
 
 
 def _sync(name: str) -> None:
@@ -121,33 +69,192 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _prepare_data(cfg: TrainConfig, out: Path, log):
-    """(tokenizer, train TokenFile, val TokenFile). Process 0 does the work, the others read it."""
-    from tfd_jax.data import load_corpus
-    from tfd_jax.data.tokenized import load_tokens, write_tokens
+def _on_main(name: str, fn):
+    """Run ``fn`` on process 0 only; if it fails there, every process raises (not just process 0,
+    which would leave the others waiting for it forever). Returns ``fn``'s result on process 0."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            raise TrainingError(f"process 0 stopped while it {name}; its output says why")
+    if error is not None:
+        raise error
+    return result
+
+
+def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str) -> GPTConfig:
+    overrides = {"vocab_size": vocab_size, "dtype": compute_dtype(precision), **cfg.model_overrides}
+    base = GPTConfig.preset(cfg.preset, **overrides)
+    if cfg.seq_len > base.context_length:
+        base = base.replace(context_length=cfg.seq_len)
+    return base
+
+
+def _make_mesh(cfg: TrainConfig):
+    try:
+        mesh = shd.make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    divisor = shd.batch_divisor(mesh)
+    if cfg.batch_size % divisor:
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} must be a multiple of data x fsdp = {divisor} on mesh {dict(mesh.shape)}"
+        )
+    if cfg.batch_size % (cfg.grad_accum * divisor):
+        raise TrainingError(
+            f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x data x fsdp "
+            f"({divisor}) so every micro-batch splits evenly over the devices"
+        )
+    return mesh
+
+
+@dataclass
+class _Run:
+    """A run directory opened for training: its lock (process 0) and what it holds."""
+
+    out: Path
+    cfg: TrainConfig  # the settings this process trains with (a resumed run: the run's, plus the allowed changes)
+    model_cfg: GPTConfig
+    precision: str
+    tokenizer: Any
+    train_tokens: Any
+    val_tokens: Any
+    lock: rundir.RunLock | None
+    changes: dict  # on resume: setting -> (the run's, now)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _open_run(cfg: TrainConfig, log) -> _Run:
+    out = Path(cfg.out)
+    mode = rundir.plan(out, resume=cfg.resume, force=cfg.force)  # read-only: every process, same verdict
+    if mode == "resume":
+        lock = _on_main("took the run's lock", lambda: rundir.RunLock.acquire(out))
+        try:
+            return _resume_run(cfg, out, lock)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    precision = cfg.precision or default_precision()
+    model_config_for(cfg, cfg.vocab_size, precision)  # bad model settings fail here, before any data is read
+
+    def make():
+        replacing = rundir.RunLock.acquire(out) if mode == "replace" else None
+        try:
+            staging = rundir.NewRun(out, replacing)
+        except BaseException:
+            if replacing is not None:
+                replacing.release()
+            raise
+        try:
+            tokenizer, train_tf, val_tf = _prepare_data(cfg, staging.path, log)
+            _check_iterators(cfg, train_tf, val_tf)
+            model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision)
+            from tfd_jax.data.tokenized import identity
+
+            ckpt.write_config(staging.path, {
+                "model": model_cfg.to_dict(), "train": cfg.to_dict(), "precision": precision,
+                "data": {"train": identity(train_tf), "val": identity(val_tf)},
+            })
+            lock = staging.commit()
+        except BaseException:
+            staging.discard()
+            raise
+        if mode == "replace":
+            log(f"replaced the run in {out} with a new one")
+        return lock
+
+    lock = _on_main("prepared the run directory", make)
+    try:
+        tokenizer, train_tf, val_tf = _load_run_data(out)
+        model_cfg = GPTConfig.from_dict(ckpt.read_config(out)["model"])
+        return _Run(out, cfg, model_cfg, precision, tokenizer, train_tf, val_tf, lock, {})
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _resume_run(cfg: TrainConfig, out: Path, lock) -> _Run:
+    run = ckpt.read_config(out)
+    precision = run.get("precision") or cfg.precision or default_precision()
+    tokenizer, train_tf, val_tf = _load_run_data(out)
+    try:
+        given_model = model_config_for(cfg, tokenizer.vocab_size, precision)
+    except ValueError as e:
+        raise TrainingError(f"--resume: {e}") from None
+    changes = resume_changes(run, cfg, given_model.to_dict())
+    model_cfg = GPTConfig.from_dict(run["model"]).replace(**{k: getattr(given_model, k) for k in RESUMABLE_MODEL})
+    from tfd_jax.data.tokenized import identity
+
+    recorded = run.get("data") or {}
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        if split in recorded and recorded[split] != identity(tf):
+            then, now = recorded[split], identity(tf)
+            raise TrainingError(
+                f"the token files in {out / 'data'} changed since the run started ({split}: {then['tokens']:,} tokens "
+                f"from {then['source']!r} then, {now['tokens']:,} from {now['source']!r} now); a resumed run must see "
+                "the same data: put the original files back, or start a new run with another --out"
+            )
+    cfg = dataclasses.replace(cfg, precision=TrainConfig.from_dict(run["train"]).precision)
+    return _Run(out, cfg, model_cfg, precision, tokenizer, train_tf, val_tf, lock, changes)
+
+
+def _load_run_data(out: Path):
+    """(tokenizer, train TokenFile, val TokenFile) of a run directory, checked against each other."""
+    from tfd_jax.data.tokenized import check_tokenizer, load_tokens
     from tfd_jax.tokenizers import load_tokenizer
 
-    tok_dir = out / ckpt.TOKENIZER_DIR
-    data_dir = out / "data"
-    if jax.process_index() == 0 and not (data_dir / "val.json").exists():
-        t0 = time.time()
-        train_corpus = load_corpus(cfg.data, split="train", max_bytes=cfg.max_bytes)
-        val_corpus = load_corpus(cfg.data, split="val", max_bytes=None if cfg.max_bytes is None else max(cfg.max_bytes // 10, 1))
-        log(f"corpus {cfg.data!r}: {train_corpus.num_chars:,} train / {val_corpus.num_chars:,} val characters")
-        if tok_dir.exists():
-            tokenizer = load_tokenizer(tok_dir)
-        else:
-            # A character vocabulary must cover the validation text too (nanoGPT builds it from all
-            # of the text); BPE and sentencepiece fall back to bytes, so they see only training text.
-            text = train_corpus.text + (val_corpus.text if cfg.tokenizer == "char" else "")
-            tokenizer = _train_tokenizer(cfg, text)
-            tokenizer.save(tok_dir)
-        write_tokens(train_corpus, tokenizer, data_dir / "train", progress=cfg.progress)
-        write_tokens(val_corpus, tokenizer, data_dir / "val", progress=cfg.progress)
-        log(f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} tokens) and data ready in {time.time() - t0:.1f}s")
-    _sync("data_prepared")
-    tokenizer = load_tokenizer(tok_dir)
-    return tokenizer, load_tokens(data_dir / "train"), load_tokens(data_dir / "val")
+    tokenizer = load_tokenizer(out / ckpt.TOKENIZER_DIR)
+    splits = []
+    for split in ("train", "val"):
+        tf = load_tokens(out / "data" / split)
+        try:
+            check_tokenizer(tf, tokenizer)
+        except ValueError as e:
+            raise TrainingError(f"{e} (the run's is {out / ckpt.TOKENIZER_DIR})") from None
+        splits.append(tf)
+    return tokenizer, *splits
+
+
+def _prepare_data(cfg: TrainConfig, directory: Path, log):
+    """Load the corpus, train the tokenizer and write the token files into ``directory``:
+    (tokenizer, train TokenFile, val TokenFile)."""
+    from tfd_jax.data import load_corpus
+    from tfd_jax.data.tokenized import write_tokens
+
+    t0 = time.time()
+    train_corpus = load_corpus(cfg.data, split="train", max_bytes=cfg.max_bytes)
+    val_corpus = load_corpus(cfg.data, split="val", max_bytes=None if cfg.max_bytes is None else max(cfg.max_bytes // 10, 1))
+    log(f"corpus {cfg.data!r}: {train_corpus.num_chars:,} train / {val_corpus.num_chars:,} val characters")
+    # A character vocabulary must cover the validation text too (nanoGPT builds it from all of the
+    # text); BPE and sentencepiece fall back to bytes, so they see only training text.
+    text = train_corpus.text + (val_corpus.text if cfg.tokenizer == "char" else "")
+    tokenizer = _train_tokenizer(cfg, text)
+    tokenizer.save(directory / ckpt.TOKENIZER_DIR)
+    train_tf = write_tokens(train_corpus, tokenizer, directory / "data" / "train", progress=cfg.progress)
+    val_tf = write_tokens(val_corpus, tokenizer, directory / "data" / "val", progress=cfg.progress)
+    log(f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} tokens) and data ready in {time.time() - t0:.1f}s")
+    return tokenizer, train_tf, val_tf
+
+
+def _check_iterators(cfg: TrainConfig, train_tf, val_tf) -> None:
+    """A corpus too small for one batch fails here, with the numbers, before the run exists."""
+    _train_iterator(cfg, train_tf)
+    try:
+        _val_iterator(cfg, val_tf)
+    except ValueError as e:
+        raise TrainingError(f"validation split too small: {e}") from None
 
 
 def _train_tokenizer(cfg: TrainConfig, text: str):
@@ -162,19 +269,33 @@ def _train_tokenizer(cfg: TrainConfig, text: str):
     raise TrainingError(f"unknown tokenizer {cfg.tokenizer!r}; choose 'spm', 'bpe' or 'char'")
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str) -> GPTConfig:
-    overrides = {"vocab_size": vocab_size, "dtype": compute_dtype(precision), **cfg.model_overrides}
-    base = GPTConfig.preset(cfg.preset, **overrides)
-    if cfg.seq_len > base.context_length:
-        base = base.replace(context_length=cfg.seq_len)
-    return base
+def _record_resume(run: _Run, step: int) -> None:
+    """config.json: the settings now in force, and one entry per resume that changed any."""
+    config = ckpt.read_config(run.out)
+    config["train"] = run.cfg.to_dict()
+    config["model"] = run.model_cfg.to_dict()
+    shown = {k: list(v) for k, v in run.changes.items() if k not in ("out", "resume", "force")}
+    if shown:
+        config.setdefault("resumes", []).append(
+            {"step": step, "at": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": shown})
+    ckpt.write_config(run.out, config)
+
+
+def _describe_changes(changes: dict) -> str:
+    parts = [f"{flag(k)} {a} -> {b}" for k, (a, b) in changes.items() if k not in ("out", "resume", "force")]
+    return ", ".join(parts)
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns a summary dict (final losses, timings)."""
+    """Run (or resume) training as configured; returns a summary dict (final losses, timings).
+
+    Raises ``TrainingError`` for settings, data or a run directory that cannot be used (nothing is
+    written then), :class:`RunFailed` when a started run cannot go on (the message names the
+    newest complete checkpoint).
+    """
     shd.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
 
@@ -182,52 +303,31 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             print(msg, flush=True)
 
-    _validate(cfg)
-    out = _check_run_dir(cfg)
+    validate(cfg)
+    mesh = _make_mesh(cfg)
+    run = _open_run(cfg, log)
     try:
-        return _train(cfg, out, log, is_main)
-    except BaseException:
-        # A new run that failed before writing its config (bad data, bad flags) leaves nothing
-        # behind, so the same --out can be used again once the problem is fixed.
-        if not cfg.resume and is_main and not (out / ckpt.CONFIG_FILE).exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        return _train(run, mesh, log, is_main)
+    finally:
+        run.release()
 
 
-def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
-    precision = cfg.precision or default_precision()
-    compute_dtype(precision)  # validates the name
+def _safe_point(checkpointer, out: Path, *, fault: bool = True) -> str:
     try:
-        mesh = shd.make_mesh(cfg.mesh)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if cfg.batch_size % shd.batch_divisor(mesh):
-        raise TrainingError(
-            f"--batch-size {cfg.batch_size} must be a multiple of data x fsdp = {shd.batch_divisor(mesh)} on mesh {dict(mesh.shape)}"
-        )
-    if cfg.batch_size % (cfg.grad_accum * shd.batch_divisor(mesh)):
-        raise TrainingError(
-            f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x data x fsdp "
-            f"({shd.batch_divisor(mesh)}) so every micro-batch splits evenly over the devices"
-        )
+        checkpointer.manager.reload()
+        last = checkpointer.latest_step()
+    except Exception:  # noqa: BLE001 - the disk may be unreadable too; say what we can
+        last = None
+    where = (f"the newest complete checkpoint is step {last} in {out / ckpt.CHECKPOINT_DIR}" if last is not None
+             else "no checkpoint was completed yet")
+    then = "once that is fixed, continue with" if fault else "continue with"
+    return f"{where}; {then}: tfd-jax train --out {out} --resume"
 
-    tokenizer, train_tokens, val_tokens = _prepare_data(cfg, out, log)
 
-    # Build the data iterators before anything is written, so a corpus too small for one batch
-    # fails here with a clear message and leaves no half-made run behind.
-    data_it = _train_iterator(cfg, train_tokens)
-    try:
-        _val_iterator(cfg, val_tokens)
-    except ValueError as e:
-        raise TrainingError(f"validation split too small: {e}") from None
-
-    if cfg.resume:
-        model_cfg = GPTConfig.from_dict(ckpt.read_config(out)["model"])
-    else:
-        model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision)
-        if is_main:
-            ckpt.write_config(out, {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "precision": precision})
-    _sync("config_written")
+def _train(run: _Run, mesh, log, is_main: bool) -> dict:
+    cfg, out, model_cfg, precision = run.cfg, run.out, run.model_cfg, run.precision
+    tokenizer, val_tokens = run.tokenizer, run.val_tokens
+    data_it = _train_iterator(cfg, run.train_tokens)
 
     # Build the model's structure without allocating, then initialise directly with the shardings.
     def make_model():
@@ -254,15 +354,36 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, precision), out_shardings=state_sh)(params)
     del params
 
-    checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints)
+    # We hold the run's lock, so unfinished saves in the directory are a killed process's leftovers.
+    checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints, cleanup_tmp=True)
     start_step = 0
     if cfg.resume:
         from tfd_jax.data.pipeline import IteratorRestore
 
         target = ckpt.abstract_with_shardings(abstract_state, state_sh)
-        state, _ = checkpointer.restore(target, data_args=IteratorRestore(data_it))
-        start_step = int(jax.device_get(state["step"]))
-        log(f"resumed from step {start_step} ({out / ckpt.CHECKPOINT_DIR})")
+        fresh_its = []
+
+        def data_args():
+            fresh_its.append(_train_iterator(cfg, run.train_tokens))  # a fresh one per attempt
+            return IteratorRestore(fresh_its[-1])
+
+        try:
+            found, restored, _ = checkpointer.restore_newest_intact(target, data_args, log=log)
+        except TrainingError:
+            checkpointer.close()
+            raise
+        changed = _describe_changes(run.changes)
+        if found is None:
+            log(f"{out} has no checkpoint yet: starting from step 0 with the run's settings"
+                + (f"; changed: {changed}" if changed else ""))
+        else:
+            state, data_it = restored, fresh_its[-1]
+            start_step = int(jax.device_get(state["step"]))
+            log(f"resumed from step {start_step} ({out / ckpt.CHECKPOINT_DIR})" + (f"; changed: {changed}" if changed else ""))
+        if "steps" in run.changes and cfg.optim.decay_steps is None:
+            log(f"the learning-rate schedule now runs over {cfg.steps} steps")
+        if is_main:
+            _record_resume(run, start_step)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
 
@@ -286,7 +407,7 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
 
     fpt = mx.flops_per_token(mx.matmul_params(model_cfg), model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
     peak = mx.peak_flops_per_device()
-    metrics_log = mx.MetricsLog(out, resume_step=start_step if cfg.resume else None)
+    metrics_log = mx.MetricsLog(out, resume_step=start_step if cfg.resume else None, warn=log)
     log(
         f"model {cfg.preset}: {n_params:,} parameters ({n_params - n_embed:,} without embeddings), "
         f"{model_cfg.num_layers} layers, d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size}; "
@@ -294,15 +415,27 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     )
 
     stop = {"signal": None}
-    old_handler = None
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        stop["signal"] = signum
+        if is_main:
+            more = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
+            print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping{more}",
+                  file=sys.stderr, flush=True)
+
+    old_handlers = {}
     if threading_main():
-        old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old_handlers[sig] = signal.signal(sig, on_signal)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = _progress(cfg, start_step, is_main)
     summary = {"run_dir": str(out), "start_step": start_step}
     ema = None
     last_t, last_step = None, start_step
+    first_t = None  # when the first step (with its compilation) was done
     step = start_step
     pending = []  # (step, device metrics) not yet pulled to the host
     t_start = time.perf_counter()
@@ -311,6 +444,8 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
     # device_put checks that every process passes equal values, and NaN never equals itself.)
     poison_one, poison_nan = jax.jit(lambda: (jnp.float32(1.0), jnp.float32(jnp.nan)), out_shardings=(rep, rep))()
     val_loss = None
+    last_scale = None
+    failed = False
     try:
         while step < cfg.steps:
             if cfg.profile_dir and step == start_step + 2:  # after compilation and one warm step
@@ -328,10 +463,12 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
                 log(f"profiler trace of {cfg.profile_steps} steps written to {cfg.profile_dir} (open it with TensorBoard or Perfetto)")
             if step == start_step + 1:
                 jax.block_until_ready(m)  # the first step includes compilation: time from here on
-                last_t, last_step = time.perf_counter(), step
+                first_t = last_t = time.perf_counter()
+                last_step = step
                 summary["compile_and_first_step_s"] = round(last_t - t_start, 2)
-            boundary = step % cfg.log_every == 0 or step == cfg.steps or step % cfg.eval_every == 0 or stop["signal"]
-            if not boundary:
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"]
+            log_now = step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.steps or stop["signal"]
+            if not (save_now or log_now):
                 continue
             host = jax.device_get([mm for _, mm in pending])
             now = time.perf_counter()
@@ -340,17 +477,20 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
             state_counts = jax.device_get({k: state[k] for k in ("nonfinite", "nonfinite_streak", "loss_scale")})
             for (s, _), hm in zip(pending, host):
                 loss = float(hm["loss"])
-                if not bool(hm["finite"]):
+                if bool(hm["overflow"]):
+                    pass  # fp16 loss-scale search: reported below as the scale changes
+                elif not bool(hm["finite"]):
                     log(f"step {s}: non-finite loss or gradients; the update was skipped")
                 elif ema is not None and loss > cfg.spike_factor * ema:
                     log(f"step {s}: loss spike {loss:.3f} (running average {ema:.3f})")
                 if bool(hm["finite"]):
                     ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            skipped = sum(bool(hm["overflow"]) for hm in host)
             pending.clear()
             last = host[-1]
             record = {
                 "step": step,
-                "loss": float(last["loss"]) if bool(last["finite"]) else None,
+                "loss": float(last["loss"]) if bool(last["loss_finite"]) else None,
                 "lr": float(last["lr"]),
                 "grad_norm": float(last["grad_norm"]) if bool(last["finite"]) else None,
                 "update_ratio": float(last["update_ratio"]) if bool(last["finite"]) else None,
@@ -359,45 +499,75 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
                 "nonfinite_steps": int(state_counts["nonfinite"]),
             }
             if precision == "fp16":
-                record["loss_scale"] = float(state_counts["loss_scale"])
-            if int(state_counts["nonfinite_streak"]) >= cfg.max_nonfinite_streak:
-                raise TrainingError(_diverged_message(step, int(state_counts["nonfinite_streak"]), checkpointer))
+                scale = float(state_counts["loss_scale"])
+                record["loss_scale"] = scale
+                if skipped and scale != last_scale:
+                    log(f"step {step}: fp16 loss scale now {scale:g} ({skipped} update(s) skipped while it settles)")
+                last_scale = scale
+            streak = int(state_counts["nonfinite_streak"])
+            if streak >= cfg.max_nonfinite_streak:
+                raise RunFailed(_diverged_message(step, streak, checkpointer))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val_loss = _evaluate(cfg, eval_fn, state["params"], val_tokens, mesh)
                 record["val_loss"] = val_loss
-            metrics_log.write(record)
+            if log_now:  # (a checkpoint step only checks the counters above; it logs nothing)
+                metrics_log.write(record)
             if bar is not None:
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan", tok_s=f"{tps or 0:,.0f}")
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"]:
-                if int(state_counts["nonfinite_streak"]) > 0:
-                    # Mid-streak the newest checkpoint stays the one from before the trouble began.
+            if save_now:
+                # Mid-streak a periodic save is skipped, so the newest checkpoint stays the one from
+                # before the trouble began; the last one of a run (or of a stop) is always written:
+                # its parameters are the last good update's, as skipped steps change none.
+                if streak > 0 and step != cfg.steps and not stop["signal"]:
                     log(f"step {step}: checkpoint skipped during a run of non-finite steps")
                 else:
                     checkpointer.save(step, state, _iterator_save(data_it), force=True)
             if stop["signal"]:
                 checkpointer.wait()
-                log(f"received signal {stop['signal']}: saved step {step} to {out / ckpt.CHECKPOINT_DIR}; resume with --resume")
-                summary["stopped_by_signal"] = True
+                name = signal.Signals(stop["signal"]).name
+                log(f"received {name}: saved step {step} to {out / ckpt.CHECKPOINT_DIR}; "
+                    f"continue with: tfd-jax train --out {out} --resume")
+                summary["stopped_by_signal"] = name
                 break
         checkpointer.wait()
+    except KeyboardInterrupt:
+        failed = True
+        raise Stopped(f"interrupted at step {step} before saving; {_safe_point(checkpointer, out, fault=False)}") from None
+    except TrainingError:
+        failed = True
+        raise
+    except Exception as e:
+        failed = True
+        fault = system_fault(e)
+        if fault is None:
+            raise
+        silence_orbax_aftermath()  # the save's other writes fail too, later, in orbax's threads
+        raise RunFailed(f"{fault}; {_safe_point(checkpointer, out)}") from e
     finally:
         if profiling:
             jax.profiler.stop_trace()
         if bar is not None:
             bar.close()
-        checkpointer.close()
+        try:
+            checkpointer.close()
+        except Exception:  # noqa: BLE001 - a save that failed; the error in flight (or below) says so
+            if not failed:
+                raise
         metrics_log.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
-    records = mx.read_metrics(out)
+    records = mx.read_metrics(out, warn=log)
+    done_after_first = step - (start_step + 1)
     summary.update(
         {
             "steps": step,
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
             "val_loss": val_loss,
-            "tokens_per_s": next((r["tokens_per_s"] for r in reversed(records) if r.get("tokens_per_s")), None),
+            # this process's own speed, from the end of its first (compiling) step to its last
+            "tokens_per_s": (tokens_per_step * done_after_first / max(last_t - first_t, 1e-9)
+                             if first_t is not None and done_after_first > 0 else None),
             "num_params": n_params,
         }
     )
@@ -422,19 +592,6 @@ def _train(cfg: TrainConfig, out: Path, log, is_main: bool) -> dict:
 def threading_main() -> bool:
     """Signal handlers can only be installed from the main thread."""
     return threading.current_thread() is threading.main_thread()
-
-
-def _validate(cfg: TrainConfig) -> None:
-    problems = []
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "ckpt_every", "eval_batches"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    from tfd_jax.models.config import PRESETS
-
-    if cfg.preset not in PRESETS:
-        problems.append(f"unknown preset {cfg.preset!r}; choose one of {sorted(PRESETS)}")
-    if problems:
-        raise TrainingError("; ".join(problems))
 
 
 def _state_shardings(abstract_state, optimizer, p_sh, rep):

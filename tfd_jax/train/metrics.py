@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -76,19 +77,24 @@ def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, peak: float
 class MetricsLog:
     """Append one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard if installed).
 
-    Only process 0 writes. Resuming a run truncates records at or after the resume step, so a resumed
-    run's file reads as if it had never stopped.
+    Only process 0 writes. Each record is appended as one line by one ``write`` call, so an
+    interrupted run leaves at worst a torn last line, which :func:`read_metrics` drops. Resuming a
+    run keeps the records up to the resume step (rewritten atomically), so a resumed run's file
+    reads as if it had never stopped.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True,
+                 warn=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
         self._tb = None
         if not self.enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept))
+            kept = [r for r in read_metrics(run_dir, warn=warn) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -103,8 +109,12 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = (json.dumps(clean) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -115,11 +125,33 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+def read_metrics(run_dir: str | os.PathLike, *, warn=None) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl``. A line that is not a JSON object (the torn tail an
+    interrupted write leaves, or a damaged line) is dropped and reported through ``warn``
+    (default: ``warnings.warn``), naming the file and the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            torn = i == len(lines)  # the last line, without its newline
+            what = "a torn last line (left by an interrupted write)" if torn else f"damaged line {i}"
+            msg = f"{path}: dropped {what}: {line[:60]!r}"
+            if warn is None:
+                warnings.warn(msg, stacklevel=2)
+            else:
+                warn(msg)
+            continue
+        records.append(record)
+    return records
 
 
 def plot_loss(run_dir: str | os.PathLike) -> Path | None:

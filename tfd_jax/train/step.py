@@ -74,7 +74,11 @@ def make_train_step(
     token count once, which gives exactly the full-batch gradient (Chapter 15).
 
     A step whose loss or gradients are not finite changes nothing but the counters (``nonfinite``,
-    ``nonfinite_streak``; Chapter 16), and with fp16 halves the loss scale.
+    ``nonfinite_streak``; Chapter 16), and with fp16 halves the loss scale. With fp16 the scale
+    multiplies the mean token loss (Chapter 15's recipe), and a step whose loss is finite but
+    whose scaled gradients overflowed while the scale can still come down is the scale search at
+    work (metric ``overflow``): it is skipped but not counted in ``nonfinite_streak``, the count
+    that stops a diverging run.
     """
 
     def loss_sums(params, batch, key):
@@ -97,6 +101,8 @@ def make_train_step(
     def step(state: dict, batch: dict, poison: jax.Array | float = 1.0) -> tuple[dict, dict]:
         # `poison` multiplies the loss; NaN there rehearses a diverged step (tests, --debug-nan-at).
         params, scale = state["params"], state["loss_scale"]
+        if fp16:  # the scale is per token of a micro-batch: what the backward pass sees is the mean
+            scale = scale / (batch["mask"].size // grad_accum)
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
             g, s, c = grads_of(params, batch, key, scale * poison)
@@ -114,16 +120,21 @@ def make_train_step(
         count = jnp.maximum(c, 1.0)
         grads = jax.tree.map(lambda x: x / (scale * count), g)
         loss = s * poison / count
-        finite = all_finite(grads) & jnp.isfinite(loss)
+        loss_finite = jnp.isfinite(loss)
+        finite = all_finite(grads) & loss_finite
+        # fp16: overflow of the scaled gradients while the scale can still be lowered is its search
+        overflow = (~finite & loss_finite & (state["loss_scale"] > 1.0)) if fp16 else jnp.asarray(False)
+        diverging = ~finite & ~overflow
         grad_norm = optax.tree.norm(grads)
 
         updates, new_opt = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         if fp16:
-            new_scale, good = update_loss_scale(scale, state["good_steps"], finite, growth_interval=growth_interval)
+            new_scale, good = update_loss_scale(state["loss_scale"], state["good_steps"], finite,
+                                                growth_interval=growth_interval)
         else:
-            new_scale, good = scale, state["good_steps"]
+            new_scale, good = state["loss_scale"], state["good_steps"]
         new_state = {
             "step": state["step"] + 1,
             "params": keep(new_params, params),
@@ -132,7 +143,8 @@ def make_train_step(
             "loss_scale": new_scale,
             "good_steps": good,
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
-            "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1).astype(jnp.int32),
+            "nonfinite_streak": jnp.where(
+                finite, 0, state["nonfinite_streak"] + diverging.astype(jnp.int32)).astype(jnp.int32),
         }
         param_norm = optax.tree.norm(params)
         metrics = {
@@ -141,6 +153,8 @@ def make_train_step(
             "lr": schedule(state["step"]),
             "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-12),
             "finite": finite,
+            "loss_finite": loss_finite,
+            "overflow": overflow,
             "tokens": c,
         }
         return new_state, metrics
