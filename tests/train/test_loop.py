@@ -1,57 +1,23 @@
-"""End-to-end training runs on a tiny corpus: resume, kill -9, non-finite steps, run-dir safety.
+"""End-to-end training runs on a tiny corpus: resume, other meshes, non-finite steps, run-dir safety.
+
+Faults (kill -9, signals, damaged checkpoints, full disks) are in test_faults.py and test_reliability.py.
 
 All runs use 8 fake CPU devices (tests/conftest.py), a character tokenizer and a two-layer model, so
 each compiles in seconds.
 """
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import jax
 import numpy as np
 import pytest
 
-from tfd_jax.train import TrainConfig, TrainingError, train
+from tfd_jax.train import TrainingError, resume_config, train
 from tfd_jax.train import checkpoint as ckpt
 from tfd_jax.train.metrics import read_metrics
-
-TINY = dict(
-    tokenizer="char",
-    preset="tiny",
-    model_overrides={"d_model": 32, "num_heads": 2, "num_layers": 2, "context_length": 32},
-    batch_size=8,
-    seq_len=16,
-    max_bytes=None,
-    log_every=1,
-    eval_every=5,
-    eval_batches=2,
-    ckpt_every=5,
-    samples=0,
-    progress=False,
-)
-
-
-MODEL_FLAGS = [f for k, v in TINY["model_overrides"].items() for f in ("--model", f"{k}={v}")]
+from trainkit import TINY, cfg, losses, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", ":", "\n"]
-    text = " ".join(rng.choice(words, size=6000))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text)
-    return str(path)
-
-
-def cfg(corpus, out, **kw) -> TrainConfig:
-    return TrainConfig(data=corpus, out=str(out), **{**TINY, **kw})
-
-
-def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +68,7 @@ def test_scan_layers_run_matches_the_unrolled_run_and_resumes_onto_another_mesh(
     out = tmp_path / "run"
     scanned = {**TINY["model_overrides"], "scan_layers": True}
     train(cfg(corpus, out, steps=10, model_overrides=scanned, mesh="data=2,fsdp=2,tensor=2"))
-    train(cfg(corpus, out, steps=15, resume=True, mesh="data=8"))  # the model config comes from the run
+    train(resume_config(out, steps=15, mesh="data=8"))  # the run's own settings, on another mesh
     a, b = losses(out_straight), losses(out)
     assert sorted(b) == list(range(1, 16))
     for step in b:
@@ -143,60 +109,6 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(corpus, tmp_path, capsys)
     model, tok = ckpt.load_for_inference(out2)
     assert np.isfinite(np.asarray(model(jax.numpy.zeros((1, 4), jax.numpy.int32)))).all()
     assert tok is not None
-
-
-def test_kill_9_after_a_checkpoint_then_resume(straight_run, corpus, tmp_path):
-    """A run killed without warning resumes from its last complete checkpoint and reproduces the
-    uninterrupted run's losses."""
-    out_straight, _ = straight_run
-    out = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "tfd_jax.cli", "train", "--data", corpus, "--out", str(out), "--tokenizer", "char",
-        "--preset", "tiny", "--batch-size", "8", "--seq-len", "16", "--max-bytes", "0", "--log-every", "1",
-        "--eval-every", "5", "--eval-batches", "2", "--ckpt-every", "5", "--samples", "0", "--no-progress",
-    ]
-    model_flags = ["--steps", "20"] + MODEL_FLAGS
-    env = dict(os.environ)
-    proc = subprocess.Popen(args + model_flags, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpt_dir = out / ckpt.CHECKPOINT_DIR
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
-        if done and len(read_metrics(out)) >= 7:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[0]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(read_metrics(out))
-    assert killed_at < 20
-    resumed = subprocess.run(args + model_flags + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resumed from step" in resumed.stdout
-    a, b = losses(out_straight), losses(out)
-    assert sorted(b) == list(range(1, 21))
-    for step in range(6, 21):
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), step
-
-
-def test_sigterm_saves_and_exits_cleanly(corpus, tmp_path):
-    out = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "tfd_jax.cli", "train", "--data", corpus, "--out", str(out), "--tokenizer", "char",
-        "--preset", "tiny", "--batch-size", "8", "--seq-len", "16", "--max-bytes", "0", "--log-every", "1",
-        "--eval-every", "1000", "--ckpt-every", "1000", "--samples", "0", "--no-progress", "--steps", "100000",
-    ] + MODEL_FLAGS
-    env = dict(os.environ)
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(read_metrics(out)) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
-    assert "saved step" in output
-    latest = ckpt.Checkpointer(out).latest_step()
-    assert latest is not None and latest >= 3
 
 
 def test_bad_input_fails_before_writing_and_leaves_out_reusable(tmp_path, corpus):

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from fastjit import FAST
 from tfd_jax.models import GPT, GPTConfig
 from tfd_jax.train import sharding as shd
 from tfd_jax.train.metrics import read_metrics
@@ -68,6 +69,33 @@ def test_loss_matches_a_numpy_cross_entropy():
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     assert float(m["loss"]) == pytest.approx(float((nll * batch["mask"]).sum() / batch["mask"].sum()), rel=1e-5)
+
+
+def test_fp16_loss_scale_search_is_not_divergence():
+    """Overflow under a too-large loss scale halves the scale and skips the update without counting
+    towards the divergence streak; a non-finite loss does count. The scale multiplies the mean
+    token loss, and the gradient comes back unscaled (compared with float32)."""
+    opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+    graphdef, params, rest = split_model(GPT(CFG.replace(dtype="float16"), rngs=nnx.Rngs(0)))
+    step = jax.jit(make_train_step(graphdef, rest, opt, sched, fp16=True), compiler_options=FAST)
+    batch = make_batch(4)
+    state = init_state(params, opt, 0, "fp16")
+    assert float(state["loss_scale"]) == 2.0**15
+
+    _, m = step(state, batch)
+    step32, state32 = setup()
+    _, m32 = jax.jit(step32, compiler_options=FAST)(state32, batch)
+    assert bool(m["finite"]) and float(m["grad_norm"]) == pytest.approx(float(m32["grad_norm"]), rel=2e-2)
+
+    huge = {**state, "loss_scale": jnp.float32(2.0**40)}  # scaled fp16 gradients overflow
+    new, m = step(huge, batch)
+    assert bool(m["overflow"]) and bool(m["loss_finite"]) and not bool(m["finite"])
+    assert float(new["loss_scale"]) == 2.0**39 and int(new["nonfinite"]) == 1
+    assert int(new["nonfinite_streak"]) == 0  # the scale search, not divergence
+    assert max_diff(new["params"], state["params"]) == 0.0
+
+    new, m = step(state, batch, jnp.float32(jnp.nan))  # a non-finite loss is divergence
+    assert not bool(m["overflow"]) and int(new["nonfinite_streak"]) == 1
 
 
 def _stacked_blocks(params):

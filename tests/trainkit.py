@@ -1,0 +1,66 @@
+"""Shared pieces of the training-run tests: a tiny corpus, a tiny run's settings, its command line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tfd_jax.train import TrainConfig
+from tfd_jax.train.metrics import read_metrics
+
+# A two-layer model on a character tokenizer: each run compiles in seconds.
+TINY = dict(
+    tokenizer="char",
+    preset="tiny",
+    model_overrides={"d_model": 32, "num_heads": 2, "num_layers": 2, "context_length": 32},
+    batch_size=8,
+    seq_len=16,
+    max_bytes=None,
+    log_every=1,
+    eval_every=5,
+    eval_batches=2,
+    ckpt_every=5,
+    samples=0,
+    progress=False,
+)
+
+MODEL_FLAGS = [f for k, v in TINY["model_overrides"].items() for f in ("--model", f"{k}={v}")]
+
+
+def write_corpus(path, words=6000, seed=0) -> str:
+    rng = np.random.default_rng(seed)
+    vocab = ["alpha", "beta", "gamma", "delta", "def", "return", "(x)", ":", "\n"]
+    path.write_text(" ".join(rng.choice(vocab, size=words)))
+    return str(path)
+
+
+def cfg(corpus, out, **kw) -> TrainConfig:
+    return TrainConfig(**{"data": corpus, "out": str(out), **TINY, **kw})
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+
+
+def cli_args(corpus, out, *, steps, **flags) -> list[str]:
+    """``python -m tfd_jax.cli train ...`` for the TINY run; ``flags`` override (``log_every=1``)."""
+    base = {"log_every": 1, "eval_every": 5, "eval_batches": 2, "ckpt_every": 5}
+    base.update(flags)
+    args = [sys.executable, "-m", "tfd_jax.cli", "train", "--data", str(corpus), "--out", str(out),
+            "--tokenizer", "char", "--preset", "tiny", "--batch-size", "8", "--seq-len", "16", "--max-bytes", "0",
+            "--samples", "0", "--no-progress", "--steps", str(steps), *MODEL_FLAGS]
+    for k, v in base.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def one_device_env() -> dict:
+    """A subprocess with one CPU device (compiles and starts faster than eight), caching every
+    compiled program so the next process of a test skips compilation."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
+
+
+def run_cli(args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env or one_device_env(), capture_output=True, text=True, timeout=timeout)
