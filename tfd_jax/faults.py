@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import warnings
 
 #: errno -> what happened, in words
 _ERRNO = {
@@ -84,3 +85,4 @@ def silence_orbax_aftermath() -> None:
     unraisable_hook._tfd_jax = True
     sys.unraisablehook = unraisable_hook
     logging.getLogger("asyncio").addFilter(_DropAbandonedTasks())
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
