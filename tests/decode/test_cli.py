@@ -30,6 +30,8 @@ def fake_run(monkeypatch, tiny_model):
     "flags, message",
     [
         (["--temperature", "-1"], "temperature"),
+        (["--temperature", "nan"], "temperature"),
+        (["--seed", "-1"], "--seed must be in 0..2^31-1"),
         (["--top-p", "1.5"], "top_p"),
         (["--top-p", "0"], "top_p"),
         (["--top-k", "0"], "top_k"),
