@@ -91,6 +91,9 @@ def test_force_replaces_only_a_run_and_only_once_the_new_one_is_checked(run, cor
         assert snapshot(run) == before, change  # the old run is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj", "run", "tiny.txt"]  # no staging left behind
 
+    stale = tmp_path / ".run.incomplete-killed"  # what a run killed while it was being made leaves
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
     train(cfg(corpus, run, force=True, **{**BASE, "steps": 4, "log_every": 1}))
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
     assert ckpt.read_config(run)["train"]["steps"] == 4
