@@ -329,11 +329,10 @@ def scenarios(lab: Lab):  # noqa: C901 - one flat list is the easiest to read an
     # --- faults outside the program ---
     mnt = w / "small_disk"
     mnt.mkdir(exist_ok=True)
-    can_mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)],
-                               capture_output=True).returncode == 0
 
     def full_disk():
-        if not can_mount:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
             return None, "cannot mount a tmpfs here (needs root)"
         try:
             run = mnt / "run"
@@ -355,7 +354,8 @@ def scenarios(lab: Lab):  # noqa: C901 - one flat list is the easiest to read an
 
     def read_only(new):
         def f():
-            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(mnt)]).returncode:
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2000k", "tmpfs", str(mnt)],
+                              capture_output=True).returncode:
                 return None, "cannot mount a tmpfs here (needs root)"
             try:
                 shutil.copytree(lab.base, mnt / "run")
