@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -64,3 +65,11 @@ def one_device_env() -> dict:
 
 def run_cli(args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env or one_device_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def truncate_biggest_tensor_file(step_dir: Path, keep: float = 0.5) -> Path:
+    """Cut the largest tensor file of a checkpoint step directory to ``keep`` of its size."""
+    biggest = max((p for p in Path(step_dir).rglob("*") if p.is_file() and "ocdbt" in str(p)),
+                  key=lambda p: p.stat().st_size)
+    os.truncate(biggest, int(biggest.stat().st_size * keep))
+    return biggest

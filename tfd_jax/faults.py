@@ -56,7 +56,8 @@ def system_fault(e: BaseException) -> str | None:
     return None
 
 
-_FAILED_READ = "Encountered error while reading array"
+#: how orbax words a tensor it could not read from a checkpoint
+FAILED_READ = "Encountered error while reading array"
 
 
 class _DropAbandonedTasks(logging.Filter):
@@ -64,7 +65,7 @@ class _DropAbandonedTasks(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not (_FAILED_READ in msg or ("never retrieved" in msg and ("OCDBT" in msg or "TensorStore" in msg)))
+        return not (FAILED_READ in msg or ("never retrieved" in msg and ("OCDBT" in msg or "TensorStore" in msg)))
 
 
 def silence_orbax_aftermath() -> None:
@@ -79,7 +80,7 @@ def silence_orbax_aftermath() -> None:
 
     def unraisable_hook(unraisable):
         text = str(unraisable.exc_value)
-        if not (_FAILED_READ in text or (unraisable.exc_type is RuntimeError and text == "Event loop is closed")):
+        if not (FAILED_READ in text or (unraisable.exc_type is RuntimeError and text == "Event loop is closed")):
             previous(unraisable)
 
     unraisable_hook._tfd_jax = True

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tfd_jax.train.metrics import read_metrics
-from trainkit import cli_args, losses, one_device_env, write_corpus
+from trainkit import cli_args, losses, one_device_env, truncate_biggest_tensor_file, write_corpus
 
 STEPS = 60
 FLAGS = dict(log_every=1, eval_every=10, eval_batches=1, ckpt_every=3)
@@ -34,9 +34,7 @@ def _damage(ckpt_dir: Path, how: str) -> str:
     steps = _finished_steps(ckpt_dir)
     newest = ckpt_dir / str(steps[-1])
     if how == "truncate":
-        biggest = max((p for p in newest.rglob("*") if p.is_file() and "ocdbt" in str(p)), key=lambda p: p.stat().st_size)
-        with open(biggest, "r+b") as f:
-            f.truncate(biggest.stat().st_size // 3)
+        truncate_biggest_tensor_file(newest, keep=1 / 3)
     elif how == "metadata":
         (newest / "state" / "_METADATA").unlink()
     else:  # a stray empty directory named like a newer step

@@ -23,7 +23,7 @@ from tfd_jax.train import rundir
 from tfd_jax.train.cli import config_from_args
 from tfd_jax.train.config import validate
 from tfd_jax.train.metrics import read_metrics
-from trainkit import cfg, losses, one_device_env, run_cli, write_corpus
+from trainkit import cfg, losses, one_device_env, run_cli, truncate_biggest_tensor_file, write_corpus
 
 BASE = dict(steps=9, log_every=4, ckpt_every=3, eval_every=100, eval_batches=1)
 
@@ -197,14 +197,9 @@ def test_token_files_must_come_from_the_runs_tokenizer_and_data(run, corpus, cap
 
 # 7. damaged checkpoints --------------------------------------------------------------------------
 
-def _truncate_biggest(step_dir: Path) -> None:
-    biggest = max((p for p in step_dir.rglob("*") if p.is_file() and "ocdbt" in str(p)), key=lambda p: p.stat().st_size)
-    os.truncate(biggest, biggest.stat().st_size // 2)
-
-
 def test_damaged_checkpoints_are_reported_in_one_line_each_and_the_newest_intact_one_is_used(base_run, run, capsys):
     cdir = run / "checkpoints"
-    _truncate_biggest(cdir / "9")  # a truncated tensor file
+    truncate_biggest_tensor_file(cdir / "9")  # a truncated tensor file
     (cdir / "6" / "state" / "_METADATA").unlink()  # a missing metadata file
     (cdir / "12").mkdir()  # an empty stray step directory
     said = []

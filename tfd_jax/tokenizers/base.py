@@ -127,7 +127,11 @@ class Tokenizer(abc.ABC):
     def fingerprint(self) -> str:
         """A short hash of everything that defines this tokenizer (what :meth:`save` writes):
         equal fingerprints mean the same text gives the same ids. Token files record it, so a
-        training run can tell whether they were made with its tokenizer."""
+        training run can tell whether they were made with its tokenizer. Computed once per object
+        (a tokenizer does not change after it is built)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
         import hashlib
         import tempfile
 
@@ -137,7 +141,8 @@ class Tokenizer(abc.ABC):
             for p in sorted(Path(d).rglob("*")):
                 if p.is_file():
                     h.update(p.relative_to(d).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-        return h.hexdigest()[:16]
+        self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+        return self.__dict__["_fingerprint"]
 
     # --- conveniences -------------------------------------------------------------------------
     def special_ids(self) -> dict[str, int]:

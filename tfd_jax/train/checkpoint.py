@@ -34,7 +34,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from tfd_jax.faults import silence_orbax_aftermath
+from tfd_jax.faults import FAILED_READ, silence_orbax_aftermath
 from tfd_jax.train.config import TrainingError
 from tfd_jax.train.rundir import CONFIG_FILE
 
@@ -103,8 +103,8 @@ class Checkpointer:
         """Restore the newest checkpoint that is intact: ``(step, state, data item)``, or
         ``(None, None, None)`` when the run has saved none yet.
 
-        Damaged checkpoints are reported (one line each) and moved to ``checkpoints_damaged/``
-        (process 0 moves; every process must call this). ``make_data_args`` builds a fresh orbax
+        Damaged checkpoints are reported (one line each) and, once an intact one is found, moved to
+        ``checkpoints_damaged/`` (process 0 moves; every process must call this). ``make_data_args`` builds a fresh orbax
         args object for the data iterator for each attempt. Raises :class:`NoIntactCheckpoint`
         when every checkpoint is damaged.
         """
@@ -203,7 +203,7 @@ def damage_of(step_dir: Path) -> str | None:
 
 def _reason(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if "Encountered error while reading array" in text or "tensorstore" in text.lower() or "OCDBT" in text:
+    if FAILED_READ in text or "tensorstore" in text.lower() or "OCDBT" in text:
         return "a tensor file is truncated or unreadable"
     if len(text) > 160:
         text = text[:157] + "..."
