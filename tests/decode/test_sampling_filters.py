@@ -10,7 +10,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tfd_jax import ops
-from tfd_jax.decode import SamplingSpec, choose_tokens, filtered_logits
+
+# The one sampler, jitted with every setting traced (as an RLHF rollout or a server would call it).
+_filter_traced = jax.jit(lambda x, t, k, p: ops.filter_logits(x, temperature=t, top_k=k, top_p=p))
+_sample_traced = jax.jit(lambda key, x, t, k, p: ops.sample(key, x, temperature=t, top_k=k, top_p=p))
 
 V = 16
 logits_st = st.lists(st.integers(-8, 8), min_size=V, max_size=V).map(lambda xs: np.array(xs, np.float32) / 2)
@@ -37,6 +40,8 @@ def _nucleus_reference(logits, p):
 @given(logits=logits_st, k=st.integers(1, V))
 def test_top_k_keeps_the_k_largest_and_their_ties(logits, k):
     out = np.asarray(ops.top_k_filter(jnp.asarray(logits), k))
+    traced = np.asarray(jax.jit(ops.top_k_filter)(jnp.asarray(logits), jnp.int32(k)))  # sort path
+    np.testing.assert_array_equal(traced, out)
     kth = np.sort(logits)[::-1][k - 1]
     keep = logits >= kth
     np.testing.assert_array_equal(np.isfinite(out), keep)
@@ -60,9 +65,10 @@ def test_top_p_keeps_the_smallest_nucleus_reaching_p(logits, p):
 
 @settings(max_examples=30, deadline=None)
 @given(logits=logits_st, t=st.floats(0.2, 3.0), k=st.sampled_from([2, 5]), p=st.floats(0.3, 0.95))
-def test_filtered_logits_is_temperature_then_top_k_then_top_p(logits, t, k, p):
-    spec = SamplingSpec(greedy=False, top_k=k, use_top_p=True)
-    out = np.asarray(filtered_logits(jnp.asarray(logits)[None], t, p, spec))[0]
+def test_filter_logits_is_temperature_then_top_k_then_top_p(logits, t, k, p):
+    out = np.asarray(ops.filter_logits(jnp.asarray(logits)[None], temperature=t, top_k=k, top_p=p))[0]
+    traced = np.asarray(_filter_traced(jnp.asarray(logits)[None], jnp.float32(t), jnp.int32(k), jnp.float32(p)))[0]
+    np.testing.assert_array_equal(np.isfinite(traced), np.isfinite(out))
     tempered = logits / np.float32(t)
     after_k = np.where(tempered >= np.sort(tempered)[::-1][k - 1], tempered, -np.inf)
     probs = _softmax64(after_k)
@@ -74,14 +80,22 @@ def test_filtered_logits_is_temperature_then_top_k_then_top_p(logits, t, k, p):
 def test_sampled_tokens_come_only_from_the_kept_set():
     logits = jnp.asarray(np.linspace(-2, 2, V, dtype=np.float32)[np.random.default_rng(0).permutation(V)])
     batch = jnp.tile(logits[None], (2048, 1))
-    cases = [
-        (SamplingSpec(False, 4, False), 1.0, 1.0),  # top-4
-        (SamplingSpec(False, None, True), 1.0, 0.5),  # nucleus 0.5
-        (SamplingSpec(False, 6, True), 0.7, 0.8),  # all three
-    ]
-    for spec, t, p in cases:
-        allowed = set(np.flatnonzero(np.isfinite(np.asarray(filtered_logits(logits[None], t, p, spec))[0])))
-        drawn = set(np.asarray(choose_tokens(batch, jax.random.key(1), t, p, spec)).tolist())
-        assert drawn == allowed, (spec, drawn, allowed)  # never outside, and 2048 draws reach them all
-    greedy = choose_tokens(batch[:2], jax.random.key(0), 1.0, 1.0, SamplingSpec(True, None, False))
+    cases = [(1.0, 4, None), (1.0, None, 0.5), (0.7, 6, 0.8)]  # top-4, nucleus 0.5, all three
+    for t, k, p in cases:
+        allowed = set(np.flatnonzero(np.isfinite(np.asarray(ops.filter_logits(logits[None], temperature=t,
+                                                                                 top_k=k, top_p=p))[0])))
+        drawn = set(np.asarray(ops.sample(jax.random.key(1), batch, temperature=t, top_k=k, top_p=p)).tolist())
+        assert drawn == allowed, (t, k, p, drawn, allowed)  # never outside, and 2048 draws reach them all
+        traced = _sample_traced(jax.random.key(1), batch, jnp.float32(t), jnp.int32(k or V), jnp.float32(p or 1.0))
+        assert set(np.asarray(traced).tolist()) == allowed
+    greedy = ops.sample(jax.random.key(0), batch[:2], temperature=0.0)
     np.testing.assert_array_equal(np.asarray(greedy), [int(jnp.argmax(logits))] * 2)
+    traced_greedy = _sample_traced(jax.random.key(0), batch[:2], jnp.float32(0.0), jnp.int32(3), jnp.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(traced_greedy), np.asarray(greedy))  # a traced 0 is greedy too
+
+
+def test_token_log_probs_are_the_models_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (3, V)) * 3
+    toks = jnp.array([0, 5, 15])
+    want = np.log(np.stack([_softmax64(np.asarray(row)) for row in logits]))[np.arange(3), [0, 5, 15]]
+    np.testing.assert_allclose(np.asarray(ops.token_log_probs(logits, toks)), want, rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from tfd_jax import ops
 from tfd_jax.models import GPT, GPTConfig, count_params, with_layout
-from tfd_jax.nn import layers
+from tfd_jax.ops import head as layers
 from fastjit import FAST
 
 T = 8

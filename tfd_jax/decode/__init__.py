@@ -1,8 +1,13 @@
 """Inference: a preallocated KV cache, a jitted prefill and a jitted decode loop (Chapters 10 and 13).
 
+One loop for any causal model: the model owns its cached forward (``model.init_cache``,
+``model.forward_cached``, ``model.logits``) and this package owns the loop and the sampling
+(``tfd_jax.ops.sample``); it never looks inside a block.
+
 ``generate(model, prompts, max_new_tokens, temperature=..., top_k=..., top_p=..., seed=..., eos_id=...)``
 returns the new tokens ``[B, max_new_tokens]`` and their lengths; ``generate_stream`` yields them in
-chunks as they are produced.
+chunks as they are produced; ``rollout`` keeps tokens, log-probabilities and the response mask on the
+device (Chapter 18's rollouts).
 
 The function ``generate`` hides the module of the same name as an attribute of this package; reach the
 module's other names with ``from tfd_jax.decode.generate import ...``.
@@ -13,14 +18,14 @@ from tfd_jax.decode.generate import (
     Chunk,
     DecodeState,
     GenerationPlan,
+    Rollout,
     SamplingSpec,
-    choose_tokens,
     compiled_programs,
-    filtered_logits,
     forward_cached,
     generate,
     generate_stream,
     plan_generation,
+    rollout,
 )
 
 __all__ = [
@@ -29,15 +34,15 @@ __all__ = [
     "DecodeState",
     "GenerationPlan",
     "KVCache",
+    "Rollout",
     "SamplingSpec",
     "bucket_length",
     "bytes_per_token",
-    "choose_tokens",
     "compiled_programs",
-    "filtered_logits",
     "forward_cached",
     "generate",
     "generate_stream",
     "init_cache",
     "plan_generation",
+    "rollout",
 ]

@@ -6,7 +6,7 @@ K and V are kept, never Q: a past token's query is never needed again, while eve
 at all past keys and values.
 
 Here the cache is allocated **once** for the whole generation, at its final size, and filled in place:
-for every layer a K and a V buffer of shape ``[B, H, S_max, D]`` in the model's compute dtype, plus
+for every layer a K and a V buffer of shape ``[B, K, S_max, D]`` (``K`` key/value heads) in the model's compute dtype, plus
 ``lengths [B]``, how many positions of each row are filled (which is also the position where the row's
 next token goes).
 
@@ -29,11 +29,9 @@ Shape letters: B batch, S_max cache length, H heads, D head dim, L layers.
 """
 from __future__ import annotations
 
-import dataclasses
+from tfd_jax.nn.cache import KVCache, allocate_cache, as_bshd, write_rows
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+__all__ = ["KVCache", "MIN_BUCKET", "as_bshd", "bucket_length", "bytes_per_token", "init_cache", "write_rows"]
 
 #: the smallest bucket; shorter lengths round up to it
 MIN_BUCKET = 16
@@ -57,52 +55,25 @@ def bucket_length(n: int, *, minimum: int = MIN_BUCKET, maximum: int | None = No
 
 
 def bytes_per_token(config, dtype=None) -> int:
-    """Cache bytes one token costs: ``2 x L x H x D`` numbers times the dtype's size (Chapter 13).
+    """Cache bytes one token costs: ``2 x L x K x D`` numbers times the dtype's size (Chapter 13).
+
+    ``K`` is the number of key/value heads: ``H`` for multi-head attention, fewer with grouped-query
+    attention, which is what makes a Llama-style cache smaller.
 
     Args:
-      config: a ``GPTConfig`` (``num_layers``, ``num_heads``, ``head_dim``, ``compute_dtype``).
+      config: a ``GPTConfig`` (``num_layers``, ``num_kv_heads``, ``head_dim``, ``compute_dtype``).
       dtype: the cache dtype; defaults to the model's compute dtype.
     """
-    dtype = jnp.dtype(dtype or config.compute_dtype)
-    return 2 * config.num_layers * config.num_heads * config.head_dim * dtype.itemsize
+    import numpy as np
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Keys and values of every layer, plus how much of each row is filled.
-
-    Attributes:
-      k, v: tuples with one ``[B, H, S_max, D]`` array per layer (heads-major; see the module notes).
-      lengths: int32 ``[B]``; row ``b`` holds valid K/V at positions ``0..lengths[b]-1`` and writes
-        its next token at ``lengths[b]``.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    lengths: jax.Array
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_length(self) -> int:
-        """``S_max``: the number of positions each row can hold."""
-        return self.k[0].shape[2]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the K and V buffers (``B x S_max x 2 x L x H x D x itemsize``)."""
-        return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*self.k, *self.v))
+    dtype = np.dtype(dtype or config.compute_dtype)
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
 
 
 def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Allocate an empty cache: zeros ``[B, H, S_max, D]`` for each layer's K and V, lengths 0.
+    """Allocate an empty cache: zeros ``[B, K, S_max, D]`` for each layer's K and V, lengths 0.
+
+    The same as ``model.init_cache(batch_size, max_length, dtype)`` for a model with this config.
 
     Args:
       config: a ``GPTConfig``.
@@ -112,34 +83,7 @@ def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
         position embedding.
       dtype: defaults to the model's compute dtype.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 1 <= max_length <= config.context_length:
         raise ValueError(f"cache length must be in [1, context_length={config.context_length}], got {max_length}")
-    dtype = dtype or config.compute_dtype
-    shape = (batch_size, config.num_heads, max_length, config.head_dim)
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
-
-
-def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write ``new [B, T, H, D]`` into ``buffer [B, H, S_max, D]`` at a per-row position ``start [B]``.
-
-    One ``dynamic_update_slice`` per row (vmapped), which XLA performs in place when the buffer is a
-    loop carry or donated. The caller keeps ``start + T <= S_max``: out-of-range starts are clamped by
-    ``dynamic_update_slice``, which would shift the write.
-    """
-
-    def one(buf, x, s):  # buf [H, S_max, D], x [H, T, D]
-        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, s, 0))
-
-    return jax.vmap(one)(buffer, jnp.swapaxes(new, 1, 2), start.astype(jnp.int32))
-
-
-def as_bshd(buffer: jax.Array) -> jax.Array:
-    """A cache buffer ``[B, H, S_max, D]`` in the attention layer's order ``[B, S_max, H, D]``.
-
-    Inside ``jit`` this is free: XLA folds it into the attention's matrix products.
-    """
-    return jnp.swapaxes(buffer, 1, 2)
+    return allocate_cache(config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim,
+                          dtype or config.compute_dtype)

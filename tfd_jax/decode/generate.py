@@ -44,8 +44,8 @@ import numpy as np
 from flax import nnx
 
 from tfd_jax import ops
-from tfd_jax.decode.cache import KVCache, as_bshd, bucket_length, init_cache, write_rows
-from tfd_jax.models.gpt import with_layout
+from tfd_jax.decode.cache import KVCache, bucket_length
+from tfd_jax.nn import with_layout
 
 #: How many times each jitted function's Python body has been traced (traced = about to compile).
 #: Tests read it to prove that a second call in the same bucket compiles nothing new.
@@ -53,7 +53,7 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 # ----------------------------------------------------------------------------------------------
-# The cached forward pass
+# The model's cached forward pass, jitted
 # ----------------------------------------------------------------------------------------------
 
 
@@ -66,75 +66,27 @@ def _eval_model(graphdef, state):
     return model
 
 
-def _attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
-    """``ops.attention`` of ``q [B, T, H, D]`` over heads-major cache buffers ``[B, H, S_max, D]``.
-
-    On CPU, half-precision inputs are raised to float32 first: XLA:CPU cannot run some bf16 x bf16 ->
-    f32 batched products in this layout, and CPUs gain nothing from bf16 arithmetic anyway.
-    """
-    dtype = q.dtype
-    if impl == "splash":  # a training kernel (whole causal blocks); one-token steps use XLA's
-        impl = "xla"
-    if jax.default_backend() == "cpu" and dtype in (jnp.bfloat16, jnp.float16):
-        q, keys, values = (x.astype(jnp.float32) for x in (q, keys, values))
-    return ops.attention(q, as_bshd(keys), as_bshd(values), mask=mask, impl=impl).astype(dtype)
-
-
-def _cached_hidden(model, tokens: jax.Array, cache: KVCache, num_valid: jax.Array) -> tuple[jax.Array, KVCache]:
-    """Run ``tokens [B, T]`` through every block, reading and writing the cache.
-
-    Row ``b``'s tokens sit at positions ``cache.lengths[b] + 0..T-1``; their K/V are written there
-    first, then each query attends to the whole cache row under the mask "key position <= query
-    position". ``num_valid [B]`` says how many of the ``T`` tokens are real; the returned cache's
-    lengths advance by it.
-
-    Returns:
-      the final hidden states ``[B, T, M]`` (before the final norm and output head) and the new cache.
-    """
-    B, T = tokens.shape
-    S = cache.max_length
-    start = cache.lengths
-    # Rows that are already finished may sit at S; clamping keeps their (ignored) positions inside the
-    # position table so nothing turns into NaN.
-    positions = jnp.minimum(start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :], S - 1)
-    mask = ops.causal_mask(T, S, offset=start)  # [B, 1, T, S]
-    new_k, new_v = [], []
-    x = model.embed(tokens, positions)
-    for i, block in enumerate(model.blocks):
-
-        def attn_fn(h, block=block, i=i):
-            q, k, v = block.attn.project(h, None, positions)
-            keys = write_rows(cache.k[i], k, start)
-            values = write_rows(cache.v[i], v, start)
-            new_k.append(keys)
-            new_v.append(values)
-            return block.attn.output(_attend(q, keys, values, mask, block.attn.impl))
-
-        x = block.feed_forward(block.attend(x, attn_fn=attn_fn))
-    return x, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_valid.astype(jnp.int32))
-
-
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _forward_cached_jit(graphdef, state, tokens, cache, num_valid):
     TRACE_COUNTS["forward_cached"] += 1
     model = _eval_model(graphdef, state)
-    h, cache = _cached_hidden(model, tokens, cache, num_valid)
+    h, cache = model.forward_cached(tokens, cache, num_valid)
     return model.logits(h), cache
 
 
 def forward_cached(model, tokens, cache: KVCache, num_valid=None) -> tuple[jax.Array, KVCache]:
     """Logits for ``tokens`` appended to each cache row, and the cache with their K/V written (Chapter 13).
 
-    This is the building block of generation, exposed for teacher forcing and research: calling it
-    once on a prompt and then once per token gives the same logits as one uncached forward over the
-    whole sequence.
+    The model's own ``forward_cached``, jitted, for teacher forcing and research: calling it once on a
+    prompt and then once per token gives the same logits as one uncached forward over the whole
+    sequence.
 
     Args:
-      model: a ``GPT`` (dropout is switched off inside).
+      model: a causal model (``GPT``); dropout is switched off inside.
       tokens: int ``[B, T]``; row ``b``'s tokens take positions ``cache.lengths[b] + 0..T-1``.
-      cache: a :class:`KVCache` with ``cache.lengths + T <= S_max`` in every row. It is donated:
-        the returned cache reuses its buffers in place, and the one passed in can no longer be read
-        (``copy.deepcopy`` or ``jax.tree.map(jnp.copy, cache)`` first to keep it).
+      cache: from ``model.init_cache(B, S_max)``, with ``cache.lengths + T <= S_max`` in every row.
+        It is donated: the returned cache reuses its buffers in place, and the one passed in can no
+        longer be read (``jax.tree.map(jnp.copy, cache)`` first to keep it).
       num_valid: int ``[B]``, how many of the ``T`` tokens of each row are real (right padding);
         defaults to ``T``.
     Returns:
@@ -153,7 +105,7 @@ def forward_cached(model, tokens, cache: KVCache, num_valid=None) -> tuple[jax.A
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling inside the loop
+# Sampling inside the loop: ops.sample, with the settings that shape the program kept static
 # ----------------------------------------------------------------------------------------------
 
 
@@ -161,8 +113,9 @@ def forward_cached(model, tokens, cache: KVCache, num_valid=None) -> tuple[jax.A
 class SamplingSpec:
     """The part of the sampling settings that shapes the compiled program.
 
-    ``greedy``: argmax (temperature 0); ``top_k``: static ``k`` or None; ``use_top_p``: whether a
-    nucleus filter runs (its ``p`` and the temperature are traced values).
+    ``greedy``: argmax (temperature 0); ``top_k``: static ``k`` or None (``lax.top_k`` is fastest with
+    a static ``k``); ``use_top_p``: whether a nucleus filter runs (its ``p`` and the temperature are
+    traced values).
     """
 
     greedy: bool
@@ -170,33 +123,12 @@ class SamplingSpec:
     use_top_p: bool
 
 
-def filtered_logits(logits: jax.Array, temperature, top_p, spec: SamplingSpec) -> jax.Array:
-    """Temperature, then top-k, then top-p, with the ``tfd_jax.ops`` filters (Chapter 10).
-
-    Args:
-      logits: ``[B, V]``; temperature: scalar > 0; top_p: scalar in (0, 1].
-    Returns:
-      float32 ``[B, V]`` with dropped tokens at ``-inf``.
-    """
-    x = ops.apply_temperature(logits, temperature)
-    if spec.top_k is not None:
-        x = ops.top_k_filter(x, spec.top_k)
-    if spec.use_top_p:
-        x = ops.top_p_filter(x, top_p)
-    return x
-
-
-def choose_tokens(logits: jax.Array, rng: jax.Array, temperature, top_p, spec: SamplingSpec) -> jax.Array:
-    """One token per row: argmax when ``spec.greedy``, else a draw from the filtered distribution.
-
-    Args:
-      logits: ``[B, V]``; rng: a PRNG key.
-    Returns:
-      int32 ``[B]``.
-    """
+def _choose(logits: jax.Array, rng: jax.Array, knobs, spec: SamplingSpec) -> jax.Array:
+    """One token per row from ``logits [B, V]``: ``ops.sample`` with the static and traced settings."""
     if spec.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, filtered_logits(logits, temperature, top_p, spec), axis=-1).astype(jnp.int32)
+        return ops.sample(rng, logits, temperature=0.0)
+    return ops.sample(rng, logits, temperature=knobs.temperature, top_k=spec.top_k,
+                      top_p=knobs.top_p if spec.use_top_p else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +145,8 @@ class DecodeState:
       cache: the :class:`KVCache`; ``cache.lengths`` counts the tokens already fed to the model.
       logits: float32 ``[B, V]``, each row's next-token logits (from the last token fed).
       tokens: int32 ``[B, N]``, the new tokens so far (``pad_id`` after a row's end).
+      log_probs: float32 ``[B, N]``, each new token's log-probability under the model
+        (``ops.token_log_probs``: no temperature or filter); 0 after a row's end.
       num_new: int32 ``[B]``, how many new tokens each row has produced (an EOS counts).
       done: bool ``[B]``, rows that produced EOS, reached ``max_new_tokens`` or filled the cache.
       rng: PRNG key.
@@ -222,6 +156,7 @@ class DecodeState:
     cache: KVCache
     logits: jax.Array
     tokens: jax.Array
+    log_probs: jax.Array
     num_new: jax.Array
     done: jax.Array
     rng: jax.Array
@@ -247,12 +182,12 @@ def _prefill(graphdef, state, prompts, prompt_lengths, cache, tokens_out, rng):
     """
     TRACE_COUNTS["prefill"] += 1
     model = _eval_model(graphdef, state)
-    h, cache = _cached_hidden(model, prompts, cache, prompt_lengths)
+    h, cache = model.forward_cached(prompts, cache, prompt_lengths)
     last_h = jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)  # [B, 1, M]
     B = prompts.shape[0]
     return DecodeState(cache=cache, logits=model.logits(last_h)[:, 0], tokens=tokens_out,
-                       num_new=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), rng=rng,
-                       step=jnp.asarray(0, jnp.int32))
+                       log_probs=jnp.zeros(tokens_out.shape, jnp.float32), num_new=jnp.zeros((B,), jnp.int32),
+                       done=jnp.zeros((B,), bool), rng=rng, step=jnp.asarray(0, jnp.int32))
 
 
 def _decode_step(model, s: DecodeState, knobs: _Knobs, spec: SamplingSpec) -> DecodeState:
@@ -263,16 +198,18 @@ def _decode_step(model, s: DecodeState, knobs: _Knobs, spec: SamplingSpec) -> De
     """
     active = ~s.done
     rng, sub = jax.random.split(s.rng)
-    tok = jnp.where(active, choose_tokens(s.logits, sub, knobs.temperature, knobs.top_p, spec), knobs.pad_id)
+    tok = jnp.where(active, _choose(s.logits, sub, knobs, spec), knobs.pad_id)
+    logp = jnp.where(active, ops.token_log_probs(s.logits, tok), 0.0)
     tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+    log_probs = jax.lax.dynamic_update_slice(s.log_probs, logp[:, None], (0, s.step))
     num_new = s.num_new + active.astype(jnp.int32)
     done = (s.done | (active & (tok == knobs.eos_id)) | (num_new >= knobs.max_new)
             | (s.cache.lengths >= s.cache.max_length))
     # The last iteration's forward is not needed by anyone; skipping it would need a lax.cond around
     # the cache update, and one extra step per generation is cheaper than risking a cache copy.
-    h, cache = _cached_hidden(model, tok[:, None], s.cache, (~done).astype(jnp.int32))
-    return DecodeState(cache=cache, logits=model.logits(h)[:, 0], tokens=tokens, num_new=num_new, done=done,
-                       rng=rng, step=s.step + 1)
+    h, cache = model.forward_cached(tok[:, None], s.cache, (~done).astype(jnp.int32))
+    return DecodeState(cache=cache, logits=model.logits(h)[:, 0], tokens=tokens, log_probs=log_probs,
+                       num_new=num_new, done=done, rng=rng, step=s.step + 1)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
@@ -394,15 +331,20 @@ def plan_generation(
     return GenerationPlan(padded, np.array([len(r) for r in rows], np.int32), S, N, spec, knobs)
 
 
-def _start(model, plan: GenerationPlan, seed: int):
+def _start(model, plan: GenerationPlan, key: jax.Array):
     """Split the model, allocate the cache and output buffer, and run the prefill (no token yet)."""
     graphdef, state = nnx.split(model)
     B = plan.prompts.shape[0]
-    cache = init_cache(model.config, B, plan.cache_length)
+    cache = model.init_cache(B, plan.cache_length)
     tokens_out = jnp.full((B, plan.out_length), plan.knobs.pad_id, jnp.int32)
-    dstate = _prefill(graphdef, state, jnp.asarray(plan.prompts), jnp.asarray(plan.lengths), cache, tokens_out,
-                      jax.random.key(seed))
+    dstate = _prefill(graphdef, state, jnp.asarray(plan.prompts), jnp.asarray(plan.lengths), cache, tokens_out, key)
     return graphdef, state, dstate
+
+
+def _key(seed: int | None, key: jax.Array | None) -> jax.Array:
+    if key is not None:
+        return key
+    return jax.random.key(seed)
 
 
 class Chunk(NamedTuple):
@@ -441,7 +383,7 @@ def generate_stream(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_id=eos_id, pad_id=pad_id)
-    graphdef, state, dstate = _start(model, plan, seed)
+    graphdef, state, dstate = _start(model, plan, jax.random.key(seed))
     emitted = 0
     while True:
         tokens, num_new, done, step = jax.device_get((dstate.tokens, dstate.num_new, dstate.done, dstate.step))
@@ -471,7 +413,7 @@ def generate(
     """Continue each prompt by up to ``max_new_tokens`` tokens (Chapter 13's loop, with a KV cache).
 
     Args:
-      model: a ``GPT``; it is not modified (dropout is off inside).
+      model: a causal model (``GPT``); it is not modified (dropout is off inside).
       prompts: a list of token-id lists (lengths may differ) or an int array ``[B, T]``.
       max_new_tokens: how many tokens to produce per row at most; ``longest prompt + max_new_tokens``
         must fit the context length.
@@ -486,12 +428,52 @@ def generate(
       ``(tokens, lengths)``: int32 numpy ``[B, max_new_tokens]`` and ``[B]``, where row ``b``'s new tokens
       are ``tokens[b, :lengths[b]]``.
     """
+    out = rollout(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  key=jax.random.key(seed), eos_id=eos_id, pad_id=pad_id)
+    tokens, lengths = jax.device_get((out.tokens, out.lengths))
+    return np.asarray(tokens[:, :max_new_tokens], np.int32), np.asarray(lengths, np.int32)
+
+
+class Rollout(NamedTuple):
+    """What :func:`rollout` returns, all on the device.
+
+    tokens: int32 ``[B, N]`` new tokens (``N`` is ``max_new_tokens`` rounded up to a bucket; ``pad_id``
+    past each row's end); log_probs: float32 ``[B, N]``, each token's log-probability under the model
+    (0 past the end); mask: bool ``[B, N]``, True on the response's real tokens (an EOS is real);
+    lengths: int32 ``[B]``, how many new tokens each row has.
+    """
+
+    tokens: jax.Array
+    log_probs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def rollout(
+    model,
+    prompts,
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> Rollout:
+    """Sample responses and keep everything on the device: tokens, their log-probabilities and the
+    response mask (what policy-gradient training, Chapter 18, needs from a generation).
+
+    The same prefill and decode loop as :func:`generate`; ``key`` is a ``jax.random.key`` (split it
+    per call). Arguments otherwise as in :func:`generate` (here ``temperature`` defaults to 1: a rollout
+    samples from the policy). Nothing is copied to the host.
+    """
     plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_id=eos_id, pad_id=pad_id)
-    graphdef, state, dstate = _start(model, plan, seed)
+    graphdef, state, dstate = _start(model, plan, key)
     dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec)
-    tokens, num_new = jax.device_get((dstate.tokens, dstate.num_new))
-    return np.asarray(tokens[:, :max_new_tokens], np.int32), np.asarray(num_new, np.int32)
+    mask = jnp.arange(dstate.tokens.shape[1])[None, :] < dstate.num_new[:, None]
+    return Rollout(dstate.tokens, dstate.log_probs, mask, dstate.num_new)
 
 
 def compiled_programs() -> dict[str, int]:

@@ -10,19 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import jax.numpy as jnp
-
+from tfd_jax.nn.config import DTYPES as _DTYPES
+from tfd_jax.nn.config import BlockConfig
+from tfd_jax.nn.stack import REMAT_POLICIES, remat_name
 from tfd_jax.ops.feedforward import ACTIVATIONS
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-# Activation checkpointing (Chapter 15) by name: what each block keeps from its forward pass.
-REMAT_POLICIES = {
-    "none": None,  # keep everything (no recomputation)
-    "full": "nothing_saveable",  # keep only the block inputs, recompute the rest
-    "dots": "checkpoint_dots",  # keep matmul outputs, recompute the cheap elementwise ops
-    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # keep weight matmuls, recompute attention
-}
 
 
 @dataclass(frozen=True)
@@ -30,7 +21,8 @@ class GPTConfig:
     """Everything that defines a decoder-only transformer.
 
     Sizes: ``vocab_size`` V, ``context_length`` (longest sequence), ``d_model`` M, ``num_heads`` H,
-    ``num_layers`` L, ``d_ff`` F (0 means 4M).
+    ``num_layers`` L, ``d_ff`` F (0 means 4M), ``num_kv_heads`` K (0 means H; fewer is grouped-query
+    attention, Chapter 19 Part 7), ``head_dim`` D (0 means M / H).
     """
 
     vocab_size: int = 50257
@@ -39,6 +31,8 @@ class GPTConfig:
     num_heads: int = 12
     num_layers: int = 12
     d_ff: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
     dropout: float = 0.0
     embed_dropout: float = 0.0
     norm_position: str = "pre"  # "post": the course (LN after the residual add); "pre": GPT-2
@@ -73,15 +67,24 @@ class GPTConfig:
     def __post_init__(self):
         if self.d_ff == 0:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
+        divisible = self.num_heads > 0 and self.d_model % self.num_heads == 0
+        if self.head_dim == 0 and divisible:
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        if self.num_kv_heads == 0:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
         checks = [
             (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
             (self.context_length > 0, f"context_length must be positive, got {self.context_length}"),
             (self.d_model > 0 and self.num_heads > 0 and self.num_layers > 0, "d_model, num_heads and num_layers must be positive"),
             (self.d_ff > 0, f"d_ff must be positive (0 means 4 x d_model), got {self.d_ff}"),
             (
-                self.d_model % self.num_heads == 0,
+                self.head_dim > 0,
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
-                f"pick a head count that divides it (e.g. {_divisors_hint(self.d_model)})",
+                f"pick a head count that divides it (e.g. {_divisors_hint(self.d_model)}) or set head_dim",
+            ),
+            (
+                self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
             ),
             (self.norm_position in ("pre", "post"), f"norm_position must be 'pre' or 'post', got {self.norm_position!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
@@ -115,10 +118,6 @@ class GPTConfig:
                 raise ValueError(f"invalid GPTConfig: {msg}")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
-
-    @property
     def compute_dtype(self):
         return _DTYPES[self.dtype]
 
@@ -129,11 +128,18 @@ class GPTConfig:
     @property
     def remat_policy(self) -> str:
         """The remat setting as a name from ``REMAT_POLICIES``."""
-        if self.remat is True:
-            return "full"
-        if self.remat is False:
-            return "none"
-        return self.remat
+        return remat_name(self.remat)
+
+    def block(self) -> BlockConfig:
+        """What each of the L blocks is (``tfd_jax.nn.BlockConfig``)."""
+        return BlockConfig(
+            d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            d_ff=self.d_ff, num_layers=self.num_layers, norm_position=self.norm_position, norm=self.norm,
+            norm_eps=self.norm_eps, norm_bias=self.norm_bias, activation=self.activation, gated_ffn=self.gated_ffn,
+            qkv_bias=self.qkv_bias, out_bias=self.out_bias, ffn_bias=self.ffn_bias, dropout=self.dropout,
+            rope=self.positions == "rope", rope_base=self.rope_base, init=self.init,
+            attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+        )
 
     def replace(self, **changes: Any) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
@@ -143,7 +149,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)}  # fields added later take their defaults
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
@@ -160,7 +166,8 @@ class GPTConfig:
         """Parameter count from the formula (equals the model's actual count; tested)."""
         M, F, V, L = self.d_model, self.d_ff, self.vocab_size, self.num_layers
         norm = M * (2 if (self.norm == "layernorm" and self.norm_bias) else 1)
-        attn = 4 * M * M + (3 * M if self.qkv_bias else 0) + (M if self.out_bias else 0)
+        HD, KD = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = 2 * M * HD + 2 * M * KD + ((HD + 2 * KD) if self.qkv_bias else 0) + (M if self.out_bias else 0)
         if self.gated_ffn:
             ffn = 3 * M * F
         else:

@@ -1,8 +1,11 @@
-"""The decoder-only transformer (GPT), top to bottom (Chapters 3-10 and 12).
+"""The decoder-only transformer (GPT), top to bottom (Chapters 3-10, 12, 13 and 19 Part 7).
 
 tokens -> embeddings (+ positions) -> L blocks with causal self-attention -> [final norm] -> logits.
 
-Shape letters: B batch, T sequence length, M model width, V vocabulary.
+The same class is the course's 6-wide post-LN toy, GPT-2 and the Llama family (RMSNorm, SwiGLU,
+RoPE, fewer key/value heads): ``GPTConfig`` says which.
+
+Shape letters: B batch, T sequence length, M model width, V vocabulary, S_max cache length.
 """
 from __future__ import annotations
 
@@ -11,9 +14,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfd_jax import ops
-from tfd_jax.models.config import REMAT_POLICIES, GPTConfig
-from tfd_jax.nn import Block, Dropout, Embed, Linear, make_norm, normal_init, xavier_init
-from tfd_jax.nn.layers import head_cross_entropy, head_matmul
+from tfd_jax.models.config import GPTConfig
+from tfd_jax.nn import Block, Dropout, Embed, KVCache, Linear, allocate_cache, make_blocks, make_norm, normal_init
+from tfd_jax.nn import run_blocks, stack_blocks, unstack_blocks, with_layout, xavier_init
+from tfd_jax.nn.stack import cached_blocks
+
+__all__ = ["GPT", "count_params", "stack_blocks", "unstack_blocks", "with_layout"]
 
 
 class GPT(nnx.Module):
@@ -40,10 +46,8 @@ class GPT(nnx.Module):
         else:
             self.pos_embed = None
         self.embed_drop = Dropout(cfg.embed_dropout, rngs=rngs)
-        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
-        # scan_layers: one Block holding every layer's variables stacked [L, ...] (see _scan_blocks);
-        # built from the same L blocks, so both layouts start from the same weights.
-        self.blocks = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
+        block = cfg.block()
+        self.blocks = make_blocks(lambda: Block(block, rngs=rngs), cfg.num_layers, scan_layers=cfg.scan_layers)
         self.final_norm = (
             make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype) if cfg.final_norm else None
         )
@@ -60,6 +64,7 @@ class GPT(nnx.Module):
         """Token embeddings plus position information: ``[B, T]`` -> ``[B, T, M]`` (Chapters 3-4).
 
         Sinusoidal positions are added without scaling the embeddings by sqrt(M), as in the course.
+        RoPE positions are applied inside attention instead (to queries and keys).
         """
         x = self.tok_embed(tokens)
         if self.config.positions == "learned":
@@ -69,13 +74,40 @@ class GPT(nnx.Module):
             x = x + jnp.take(table, positions, axis=0).astype(x.dtype)
         return self.embed_drop(x)
 
+    def hidden_states(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+        all_layers: bool = False,
+    ):
+        """The blocks: ``x [B, T, M]`` (output of :meth:`embed`) -> ``[B, T, M]`` before the final norm.
+
+        With ``all_layers`` also the list of L + 1 states: the input, then each block's output
+        (what Hugging Face calls ``hidden_states``, except that it applies the final norm to the last).
+        """
+        B, T = x.shape[:2]
+        if positions is None:
+            positions = ops.default_positions(B, T)
+        # Causality is passed as a flag (fused kernels then skip the masked half); only packing and
+        # padding need an explicit mask on top of it.
+        mask = ops.attention_mask(q_segments=segment_ids, k_valid=padding_mask)
+
+        def run(block: Block, h: jax.Array) -> jax.Array:
+            return block(h, mask=mask, is_causal=True, positions=positions)
+
+        return run_blocks(self.blocks, x, run, scanned=self.config.scan_layers, remat=self.config.remat,
+                          collect=all_layers)
+
     def logits(self, h: jax.Array) -> jax.Array:
         """Output head in float32: ``[B, T, M]`` -> ``[B, T, V]`` (Chapter 10)."""
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.lm_head is None:
             return self.tok_embed.attend(h, pad_multiple=self._vocab_pad())
-        out = head_matmul(h, self.lm_head.kernel[...], "mv", self.config.compute_dtype, self._vocab_pad())
+        out = ops.head_matmul(h, self.lm_head.kernel[...], "mv", self.config.compute_dtype, self._vocab_pad())
         if self.lm_head.bias is not None:
             out = out + self.lm_head.bias[...].astype(jnp.float32)
         return out
@@ -83,46 +115,6 @@ class GPT(nnx.Module):
     def _vocab_pad(self) -> int:
         """The head's vocabulary padding multiple: the config's, or 128 on accelerators and 1 on CPU."""
         return self.config.vocab_pad_multiple or (1 if jax.default_backend() == "cpu" else 128)
-
-    def token_losses(
-        self,
-        tokens: jax.Array,
-        targets: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Next-token cross-entropy at every position, float32 ``[B, T]`` (Chapter 11).
-
-        Equal to ``ops.token_cross_entropy(self(tokens, ...), targets)``; the output head and the
-        loss run as one operation (``nn.layers.head_cross_entropy``), which is cheaper to
-        differentiate. Training calls this. ``targets``: int ``[B, T]``.
-        """
-        x, positions = self._embed_input(tokens, positions)
-        h = self.hidden_states(x, positions=positions, segment_ids=segment_ids)
-        if self.lm_head is not None and self.lm_head.bias is not None:  # a biased head is rare: plain path
-            return ops.token_cross_entropy(self.logits(h), targets)
-        if self.final_norm is not None:
-            h = self.final_norm(h)
-        dtype, pad = self.config.compute_dtype, self._vocab_pad()
-        if self.lm_head is None:
-            return head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
-        return head_cross_entropy(h, self.lm_head.kernel[...], "mv", dtype, targets, pad)
-
-    def check_input(self, tokens: jax.Array) -> None:
-        """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integers, got {tokens.dtype}")
-        T = tokens.shape[1]
-        if T > self.config.context_length:
-            raise ValueError(
-                f"sequence length {T} exceeds the model's context length {self.config.context_length}; "
-                "truncate the input or use a config with a longer context_length"
-            )
-        if T == 0:
-            raise ValueError("tokens is empty (sequence length 0)")
 
     def __call__(
         self,
@@ -145,123 +137,95 @@ class GPT(nnx.Module):
         x, positions = self._embed_input(tokens, positions)
         return self.forward_embeddings(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
 
-    def _embed_input(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """Checked tokens -> (embeddings ``[B, T, M]``, positions ``[B, T]``, ``0..T-1`` by default)."""
-        self.check_input(tokens)
-        B, T = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        return self.embed(tokens, positions), positions
-
-    def forward_embeddings(
-        self,
-        x: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        padding_mask: jax.Array | None = None,
-    ) -> jax.Array:
+    def forward_embeddings(self, x: jax.Array, **kwargs) -> jax.Array:
         """Everything after the embedding: ``x [B, T, M]`` (output of :meth:`embed`) -> logits ``[B, T, V]``.
 
         The model as a function of a continuous input, so one can differentiate through it (e.g. to
         show causality: logits at ``t`` have zero gradient with respect to ``x`` after ``t``).
-        Arguments as in ``__call__``; ``positions`` only matter here for RoPE.
+        Keyword arguments as in ``__call__``; ``positions`` only matter here for RoPE.
         """
-        return self.logits(self.hidden_states(x, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask))
+        return self.logits(self.hidden_states(x, **kwargs))
 
-    def hidden_states(
+    def token_losses(
         self,
-        x: jax.Array,
+        tokens: jax.Array,
+        targets: jax.Array,
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        padding_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """The blocks: ``x [B, T, M]`` (output of :meth:`embed`) -> ``[B, T, M]`` before the final norm."""
-        B, T = x.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        # Causality is passed as a flag (fused kernels then skip the masked half); only packing and
-        # padding need an explicit mask on top of it.
-        mask = None
-        if segment_ids is not None:
-            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        if padding_mask is not None:
-            mask = ops.combine_masks(mask, ops.padding_mask(padding_mask))
-        policy = self.config.remat_policy
-        saveable = None if policy == "none" else getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
+        """Next-token cross-entropy at every position, float32 ``[B, T]`` (Chapter 11).
 
-        def run(block: Block, h: jax.Array) -> jax.Array:
-            return block(h, mask=mask, is_causal=True, positions=positions)
-
-        if self.config.scan_layers:
-            return self._scan_blocks(run, x, saveable)
-        for block in self.blocks:
-            x = run(block, x) if saveable is None else nnx.remat(run, policy=saveable)(block, x)
-        return x
-
-    def _scan_blocks(self, run, x: jax.Array, saveable) -> jax.Array:
-        """``x = run(block, x)`` for each of the stacked blocks, as one ``lax.scan``.
-
-        The scan body rebuilds one block from its slice of the stacked variables ``[L, ...]``. When
-        dropout is drawing (training, rate > 0), each layer's advanced stream counters come out of
-        the scan and are written back, so the masks are those of the unrolled model; otherwise
-        nothing is written, and the model can be closed over by any JAX transform.
+        Equal to ``ops.token_cross_entropy(self(tokens, ...), targets)``; the output head and the
+        loss run as one operation (``ops.head_cross_entropy``), which is cheaper to differentiate.
+        ``targets``: int ``[B, T]``.
         """
-        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-        drawing = any(
-            isinstance(m, Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_graph(self.blocks)
+        x, positions = self._embed_input(tokens, positions)
+        h = self.hidden_states(x, positions=positions, segment_ids=segment_ids)
+        if self.lm_head is not None and self.lm_head.bias is not None:  # a biased head is rare: plain path
+            return ops.token_cross_entropy(self.logits(h), targets)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        dtype, pad = self.config.compute_dtype, self._vocab_pad()
+        if self.lm_head is None:
+            return ops.head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
+        return ops.head_cross_entropy(h, self.lm_head.kernel[...], "mv", dtype, targets, pad)
+
+    def check_input(self, tokens: jax.Array) -> None:
+        """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""
+        check_tokens(tokens, self.config.context_length)
+
+    def _embed_input(self, tokens: jax.Array, positions: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Checked tokens -> (embeddings ``[B, T, M]``, positions ``[B, T]``, ``0..T-1`` by default)."""
+        self.check_input(tokens)
+        if positions is None:
+            positions = ops.default_positions(*tokens.shape)
+        return self.embed(tokens, positions), positions
+
+    # -- what decoding needs (Chapter 13): the loop itself is tfd_jax.decode ---------------------
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens: per layer
+        ``[B, K, S_max, D]`` buffers (only the key/value heads), in the compute dtype by default."""
+        cfg = self.config
+        if not 1 <= max_length <= cfg.context_length:
+            raise ValueError(f"cache length must be in [1, context_length={cfg.context_length}], got {max_length}")
+        return allocate_cache(cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim,
+                              dtype or cfg.compute_dtype)
+
+    def forward_cached(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Run ``tokens [B, T]`` appended to each cache row: hidden states ``[B, T, M]`` (for
+        :meth:`logits`) and the cache with their keys/values written.
+
+        Row ``b``'s tokens sit at positions ``cache.lengths[b] + 0..T-1`` and attend to every cached
+        key at or before their own position (a mask from positions, never a ``tril`` over the padded
+        buffer); ``num_valid [B]`` says how many of them are real. Prefill is one call on the prompts,
+        each decoding step one call on a single token.
+        """
+        B, T = tokens.shape
+        S = cache.max_length
+        # Finished rows may sit at S; clamping keeps their (ignored) positions inside the tables.
+        positions = jnp.minimum(ops.default_positions(B, T, cache.lengths), S - 1)
+        mask = ops.attention_mask(q_positions=positions, k_positions=jnp.arange(S), causal=True)
+        blocks = unstack_blocks(self.blocks, self.config.num_layers) if self.config.scan_layers else self.blocks
+        return cached_blocks(blocks, self.embed(tokens, positions), cache, num_valid, positions=positions, mask=mask)
+
+
+def check_tokens(tokens: jax.Array, context_length: int) -> None:
+    """Raise a clear ``ValueError`` for token arrays a model cannot take: not ``[B, T]`` integers,
+    empty, or longer than ``context_length``."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    T = tokens.shape[1]
+    if T > context_length:
+        raise ValueError(
+            f"sequence length {T} exceeds the model's context length {context_length}; "
+            "truncate the input or use a config with a longer context_length"
         )
-
-        def body(h, slices):
-            block = nnx.merge(graphdef, *slices)
-            return run(block, h), (nnx.state(block, nnx.RngCount) if drawing else None)
-
-        if saveable is not None:
-            body = jax.checkpoint(body, policy=saveable, prevent_cse=False)
-        x, counts = jax.lax.scan(body, x, (params, rest))
-        if drawing:
-            nnx.update(self.blocks, counts)
-        return x
-
-
-def stack_blocks(blocks) -> Block:
-    """Blocks of one shape -> one ``Block`` whose every variable has a leading layer axis ``[L, ...]``.
-
-    This is how a ``scan_layers`` model stores its blocks (parameter paths ``blocks/attn/q/kernel``
-    instead of ``blocks/3/attn/q/kernel``).
-    """
-    blocks = list(blocks)
-    graphdef = nnx.graphdef(blocks[0])
-    states = [nnx.state(b) for b in blocks]
-    return nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
-
-
-def unstack_blocks(stacked: Block, num_layers: int) -> list[Block]:
-    """The inverse of :func:`stack_blocks`: ``num_layers`` blocks, each with its slice of the variables."""
-    graphdef, state = nnx.split(stacked)
-    return [nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], state)) for i in range(num_layers)]
-
-
-def with_layout(model: GPT, *, scan_layers: bool) -> GPT:
-    """The same model (same weights, dropout streams and mode) with its blocks stored stacked for
-    ``scan_layers=True`` or one by one for ``False``. Returns ``model`` itself when it already has
-    that layout; otherwise a new ``GPT`` with variables of its own (the arrays outside the blocks
-    are shared, which is safe: JAX arrays are immutable).
-
-    Use it to load a checkpoint trained with one layout into code that wants the other, or to decode
-    from a scanned model without slicing its stacked parameters at every step.
-    """
-    if model.config.scan_layers == scan_layers:
-        return model
-    graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, state, copy=True)  # new variables: the two models never write to each other
-    new.config = model.config.replace(scan_layers=scan_layers)
-    if scan_layers:
-        new.blocks = stack_blocks(model.blocks)
-    else:
-        new.blocks = nnx.List(unstack_blocks(model.blocks, model.config.num_layers))
-    return new
+    if T == 0:
+        raise ValueError("tokens is empty (sequence length 0)")
 
 
 def count_params(model: nnx.Module) -> int:

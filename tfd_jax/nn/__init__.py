@@ -1,18 +1,32 @@
-"""NNX layers: parameters plus a call of the matching pure function in ``tfd_jax.ops``."""
+"""NNX layers: parameters plus a call of the matching pure function in ``tfd_jax.ops``; blocks and the layer stack."""
+from tfd_jax.nn.cache import KVCache, allocate_cache
+from tfd_jax.nn.config import BlockConfig
 from tfd_jax.nn.layers import Dropout, Embed, LayerNorm, Linear, RMSNorm, init_pair, normal_init, xavier_init
-from tfd_jax.nn.transformer import Block, FeedForward, MultiHeadAttention, make_norm
+from tfd_jax.nn.stack import REMAT_POLICIES, make_blocks, run_blocks, stack_blocks, unstack_blocks, with_layout
+from tfd_jax.nn.transformer import Block, FeedForward, MultiHeadAttention, make_attention, make_norm, residual
 
 __all__ = [
+    "REMAT_POLICIES",
     "Block",
+    "BlockConfig",
     "Dropout",
     "Embed",
     "FeedForward",
+    "KVCache",
     "LayerNorm",
     "Linear",
     "MultiHeadAttention",
     "RMSNorm",
+    "allocate_cache",
     "init_pair",
+    "make_attention",
+    "make_blocks",
     "make_norm",
     "normal_init",
+    "residual",
+    "run_blocks",
+    "stack_blocks",
+    "unstack_blocks",
+    "with_layout",
     "xavier_init",
 ]

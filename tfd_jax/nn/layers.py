@@ -8,16 +8,15 @@ F hidden width, V vocabulary.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from tfd_jax import ops
+from tfd_jax.ops.head import head_matmul
 
 Initializer = Callable[..., jax.Array]
 
@@ -97,111 +96,6 @@ class Embed(nnx.Module):
         and cuts the logits back to ``V`` (same result; faster on matrix units for an odd ``V``).
         """
         return head_matmul(x, self.embedding[...], "vm", self.dtype, pad_multiple)
-
-
-#: the output head pads its vocabulary only for products with at least this many rows (training,
-#: prefill); a few rows (one decode step) are a matrix-vector product that alignment does not help
-PAD_MIN_ROWS = 512
-
-
-def head_matmul(x: jax.Array, table: jax.Array, layout: str, dtype, pad_multiple: int = 1) -> jax.Array:
-    """``x [..., M]`` times an output table (``layout`` "vm": ``[V, M]``; "mv": ``[M, V]``) -> float32 ``[..., V]``.
-
-    Inputs in ``dtype``, accumulation and result in float32 (Chapter 10's logits). The backward pass
-    multiplies in ``dtype`` too: the float32 gradient of the logits is rounded to ``dtype`` first, as
-    every other layer's backward is, instead of turning the two largest products of a training step
-    into float32 ones. With ``pad_multiple > 1`` (and at least :data:`PAD_MIN_ROWS` rows) the table
-    gets zero rows up to a multiple of it and the result is sliced back to ``V``.
-    """
-    x2, w, pad = _head_operands(x, table, layout, dtype, pad_multiple)
-    return _logits_f32(x2, w, pad).reshape(*x.shape[:-1], w.shape[0])
-
-
-def head_cross_entropy(
-    x: jax.Array, table: jax.Array, layout: str, dtype, targets: jax.Array, pad_multiple: int = 1
-) -> jax.Array:
-    """Token losses ``-ln softmax(x W^T)[target]``, float32 ``[...]``: the output head and the loss in one.
-
-    The same numbers as ``ops.token_cross_entropy(head_matmul(x, table, ...), targets)``, but the
-    backward pass makes the logits' gradient ``softmax - onehot`` straight from the saved float32
-    logits in one pass, rounded to ``dtype`` and padded for the two products, instead of three
-    passes over the ``[rows, V]`` array. Training uses this (Chapter 11); ``x`` is ``[..., M]``,
-    ``targets`` int ``[...]``; ``table`` and ``pad_multiple`` as in :func:`head_matmul`.
-    """
-    x2, w, pad = _head_operands(x, table, layout, dtype, pad_multiple)
-    return _head_ce(x2, w, targets.reshape(-1).astype(jnp.int32), pad).reshape(x.shape[:-1])
-
-
-def _head_operands(x, table, layout, dtype, pad_multiple):
-    """(x as ``[rows, M]`` (2-D: see ``ops.dense``), the table as ``[V, M]``, both in ``dtype``; padding rows)."""
-    w = (table if layout == "vm" else table.T).astype(dtype)
-    rows = math.prod(x.shape[:-1])
-    pad = -w.shape[0] % pad_multiple if pad_multiple > 1 and rows >= PAD_MIN_ROWS else 0
-    return x.reshape(rows, x.shape[-1]).astype(dtype), w, pad
-
-
-def _padded(w: jax.Array, pad: int) -> jax.Array:
-    return jnp.pad(w, ((0, pad), (0, 0))) if pad else w
-
-
-def _padded_logits(x, w, pad):
-    """float32 ``[rows, V + pad]``: the product with the padded table (zero logits in the pad)."""
-    return jnp.einsum("rm,vm->rv", x, _padded(w, pad), preferred_element_type=jnp.float32)
-
-
-def _head_input_grads(dlogits, x, w, pad):
-    """(dx, dw) from the padded logits' gradient ``[rows, V + pad]`` in the compute dtype."""
-    dx = jnp.einsum("rv,vm->rm", dlogits, _padded(w, pad), preferred_element_type=jnp.float32)
-    dw = jnp.einsum("rv,rm->vm", dlogits, x, preferred_element_type=jnp.float32)
-    return dx.astype(x.dtype), dw[: w.shape[0]].astype(w.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logits_f32(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
-    """``x [rows, M] @ w[V, M]^T`` accumulated in and returned as float32 ``[rows, V]``."""
-    return _padded_logits(x, w, pad)[:, : w.shape[0]]
-
-
-def _logits_fwd(x, w, pad):
-    return _logits_f32(x, w, pad), (x, w)
-
-
-def _logits_bwd(pad, res, g):
-    x, w = res
-    return _head_input_grads(jnp.pad(g.astype(x.dtype), ((0, 0), (0, pad))), x, w, pad)
-
-
-_logits_f32.defvjp(_logits_fwd, _logits_bwd)
-
-
-def _head_ce_forward(x, w, targets, pad):
-    logits = _padded_logits(x, w, pad)
-    real = logits[:, : w.shape[0]]
-    lse = jax.nn.logsumexp(real, axis=-1)
-    picked = jnp.take_along_axis(real, targets[:, None], axis=-1)[:, 0]
-    return lse - picked, logits, lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _head_ce(x, w, targets, pad):
-    return _head_ce_forward(x, w, targets, pad)[0]
-
-
-def _head_ce_fwd(x, w, targets, pad):
-    losses, logits, lse = _head_ce_forward(x, w, targets, pad)
-    return losses, (x, w, targets, logits, lse)
-
-
-def _head_ce_bwd(pad, res, g):
-    x, w, targets, logits, lse = res
-    cols = jnp.arange(logits.shape[-1])
-    probs = jnp.where(cols < w.shape[0], jnp.exp(logits - lse[:, None]), 0.0)  # padded columns: 0
-    dlogits = ((probs - (cols == targets[:, None])) * g[:, None]).astype(x.dtype)
-    dx, dw = _head_input_grads(dlogits, x, w, pad)
-    return dx, dw, np.zeros(targets.shape, jax.dtypes.float0)
-
-
-_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd)
 
 
 class LayerNorm(nnx.Module):

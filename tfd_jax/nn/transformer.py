@@ -1,23 +1,33 @@
-"""Attention, feed-forward and the transformer block as NNX modules (Chapters 5, 7, 8, 9).
+"""Attention, feed-forward, the residual sublayer and the transformer block as NNX modules (Chapters 5, 7-9).
 
-Shape letters: B batch, T query length, S key length, H heads, D head dim, M model width.
+Shape letters: B batch, T query length, S key length, H query heads, K key/value heads, D head dim,
+M model width, F hidden width, S_max cache length.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tfd_jax import ops
+from tfd_jax.nn.cache import as_bshd, write_rows
+from tfd_jax.nn.config import BlockConfig
 from tfd_jax.nn.layers import Dropout, LayerNorm, Linear, RMSNorm, init_pair
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head attention with W_Q, W_K, W_V, W_O as ``[M, M]`` kernels (Chapter 5).
+    """Multi-head attention with W_Q ``[M, H*D]``, W_K and W_V ``[M, K*D]``, W_O ``[H*D, M]`` (Chapter 5).
 
     Self-attention when ``context`` is None; cross-attention (queries from ``x``, keys and values from
-    ``context``, Chapter 19 Part 5) otherwise. The course's per-head input slicing (head j sees only
-    dims ``[jD, (j+1)D)``) is this layer with block-diagonal kernels, so it needs no code of its own.
+    ``context``, Chapter 19 Part 5) otherwise. ``num_kv_heads < num_heads`` is grouped-query attention
+    (Chapter 19, Part 7): each key/value head serves ``H / K`` query heads, and a KV cache holds only
+    ``K`` heads. The course's per-head input slicing (head j sees only dims ``[jD, (j+1)D)``) is this
+    layer with block-diagonal kernels, so it needs no code of its own.
+
+    The work is split in steps that callers can use apart: :meth:`query`, :meth:`key_value` (so an
+    encoder's keys and values can be computed once for every decoding step), :meth:`attend`.
     """
 
     def __init__(
@@ -25,10 +35,13 @@ class MultiHeadAttention(nnx.Module):
         d_model: int,
         num_heads: int,
         *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
         qkv_bias: bool = False,
         out_bias: bool = False,
         rope: bool = False,
         rope_base: float = 10000.0,
+        scale: float | None = None,
         impl: ops.attention.AttentionImpl = "reference",
         kernel_init=None,
         out_init=None,
@@ -36,34 +49,47 @@ class MultiHeadAttention(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; give head_dim")
+            head_dim = d_model // num_heads
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q = Linear(d_model, d_model, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
-        self.k = Linear(d_model, d_model, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
-        self.v = Linear(d_model, d_model, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
-        self.o = Linear(d_model, d_model, use_bias=out_bias, kernel_init=out_init or kernel_init, **kw)
+        self.q = Linear(d_model, num_heads * head_dim, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
+        self.k = Linear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
+        self.v = Linear(d_model, num_kv_heads * head_dim, use_bias=qkv_bias, kernel_init=kernel_init, **kw)
+        self.o = Linear(num_heads * head_dim, d_model, use_bias=out_bias, kernel_init=out_init or kernel_init, **kw)
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
         self.rope = rope
         self.rope_base = rope_base
+        self.scale = scale
         self.impl = impl
 
-    def project(
-        self, x: jax.Array, context: jax.Array | None = None, positions: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Q from ``x [B, T, M]``, K and V from ``context [B, S, M]`` (or ``x``): each ``[B, ., H, D]``."""
-        src = x if context is None else context
+    def query(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Q: ``x [B, T, M]`` -> ``[B, T, H, D]`` (rotated by ``positions [B, T]`` with RoPE)."""
         q = ops.split_heads(self.q(x), self.num_heads)
-        k = ops.split_heads(self.k(src), self.num_heads)
-        v = ops.split_heads(self.v(src), self.num_heads)
-        if self.rope:
-            if context is not None:
-                raise ValueError("RoPE applies to self-attention only")
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-            q = ops.apply_rope(q, positions, self.rope_base)
-            k = ops.apply_rope(k, positions, self.rope_base)
-        return q, k, v
+        return self._rotate(q, positions)
+
+    def key_value(self, src: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """K and V from ``src [B, S, M]``: each ``[B, S, K, D]`` (K rotated with RoPE)."""
+        k = self._rotate(ops.split_heads(self.k(src), self.num_kv_heads), positions)
+        return k, ops.split_heads(self.v(src), self.num_kv_heads)
+
+    def _rotate(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+        if not self.rope:
+            return x
+        if positions is None:
+            positions = ops.default_positions(*x.shape[:2])
+        return ops.apply_rope(x, positions, self.rope_base)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, is_causal=False, bias=None) -> jax.Array:
+        """``ops.attention`` then W_O: q ``[B, T, H, D]``, k/v ``[B, S, K, D]`` -> ``[B, T, M]``."""
+        heads = ops.attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, bias=bias, impl=self.impl)
+        return self.o(ops.merge_heads(heads))
 
     def __call__(
         self,
@@ -73,15 +99,39 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         context: jax.Array | None = None,
         positions: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array:
         """x: ``[B, T, M]``; mask: bool broadcastable to ``[B, H, T, S]``; ``is_causal`` adds the causal
-        mask (see ``ops.attention``). Returns ``[B, T, M]``."""
-        q, k, v = self.project(x, context, positions)
-        return self.output(ops.attention(q, k, v, mask=mask, is_causal=is_causal, impl=self.impl))
+        mask (see ``ops.attention``); bias: float, added to the scores. Returns ``[B, T, M]``."""
+        if context is not None and self.rope:
+            raise ValueError("RoPE applies to self-attention only")
+        q = self.query(x, positions)
+        k, v = self.key_value(x if context is None else context, positions)
+        return self.attend(q, k, v, mask=mask, is_causal=is_causal, bias=bias)
 
-    def output(self, heads: jax.Array) -> jax.Array:
-        """Concatenate the heads and apply W_O: ``[B, T, H, D]`` -> ``[B, T, M]``."""
-        return self.o(ops.merge_heads(heads))
+    def cached(
+        self, x: jax.Array, keys: jax.Array, values: jax.Array, *, positions: jax.Array, start: jax.Array, mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Self-attention of new tokens over a KV cache (Chapter 13).
+
+        The new tokens' K/V (``x [B, T, M]`` at ``positions [B, T]``) are written into the cache
+        buffers ``[B, K, S_max, D]`` at each row's ``start [B]``, then the queries attend to the
+        whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions).
+
+        Returns:
+          the output ``[B, T, M]`` and the two updated buffers.
+        """
+        q = self.query(x, positions)
+        k, v = self.key_value(x, positions)
+        keys, values = write_rows(keys, k, start), write_rows(values, v, start)
+        qa, ka, va = q, as_bshd(keys), as_bshd(values)
+        # On CPU, half precision is raised to float32: XLA:CPU cannot run some bf16 x bf16 -> f32
+        # batched products in this layout, and CPUs gain nothing from bf16 arithmetic anyway.
+        if jax.default_backend() == "cpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            qa, ka, va = (a.astype(jnp.float32) for a in (qa, ka, va))
+        impl = "xla" if self.impl == "splash" else self.impl  # splash is a training kernel (whole blocks)
+        heads = ops.attention(qa, ka, va, mask=mask, scale=self.scale, impl=impl).astype(q.dtype)
+        return self.o(ops.merge_heads(heads)), keys, values
 
 
 class FeedForward(nnx.Module):
@@ -143,30 +193,49 @@ def make_norm(kind: str, features: int, eps: float, use_bias: bool = True, param
     raise ValueError(f"unknown norm {kind!r}; choose 'layernorm' or 'rmsnorm'")
 
 
-class Block(nnx.Module):
-    """One transformer block (Chapter 9): attention and FFN sub-layers, each with a residual.
+def residual(x: jax.Array, sublayer: Callable[[jax.Array], jax.Array], norm, drop, pre_norm: bool) -> jax.Array:
+    """One residual sublayer (Chapter 9): ``x + Dropout(f(LN(x)))`` (pre-LN) or ``LN(x + Dropout(f(x)))`` (post-LN).
 
-    ``norm_position="post"`` is the course's block, ``LN(x + Dropout(Sublayer(x)))``;
-    ``"pre"`` is GPT-2's, ``x + Dropout(Sublayer(LN(x)))``.
+    The same wrapper serves self-attention, cross-attention and the FFN; ``sublayer`` maps
+    ``[B, T, M]`` to ``[B, T, M]``. The residual stream keeps ``x``'s dtype.
+    """
+    if pre_norm:
+        return x + drop(sublayer(norm(x))).astype(x.dtype)
+    return norm(x + drop(sublayer(x)).astype(x.dtype))
+
+
+def make_attention(cfg: BlockConfig, *, rngs: nnx.Rngs, rope: bool | None = None) -> MultiHeadAttention:
+    """A :class:`MultiHeadAttention` shaped by a block config (``rope`` overrides the config's)."""
+    init, out_init = init_pair(cfg.init, cfg.num_layers)
+    return MultiHeadAttention(
+        cfg.d_model,
+        cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        qkv_bias=cfg.qkv_bias,
+        out_bias=cfg.out_bias,
+        rope=cfg.rope if rope is None else rope,
+        rope_base=cfg.rope_base,
+        scale=cfg.attn_scale,
+        impl=cfg.attention_impl,
+        kernel_init=init,
+        out_init=out_init,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    """One transformer block (Chapter 9): a self-attention and an FFN sublayer, each with a residual.
+
+    ``cfg.norm_position="post"`` is the course's (and BERT's) block, ``LN(x + Dropout(Sublayer(x)))``;
+    ``"pre"`` is GPT-2's and Llama's, ``x + Dropout(Sublayer(LN(x)))`` (see :func:`residual`).
     """
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
-        """cfg: a ``tfd_jax.models.GPTConfig`` (or anything with the same fields)."""
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
         init, out_init = init_pair(cfg.init, cfg.num_layers)
-        dt = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        self.attn = MultiHeadAttention(
-            cfg.d_model,
-            cfg.num_heads,
-            qkv_bias=cfg.qkv_bias,
-            out_bias=cfg.out_bias,
-            rope=cfg.positions == "rope",
-            rope_base=cfg.rope_base,
-            impl=cfg.attention_impl,
-            kernel_init=init,
-            out_init=out_init,
-            rngs=rngs,
-            **dt,
-        )
+        self.attn = make_attention(cfg, rngs=rngs)
         self.ffn = FeedForward(
             cfg.d_model,
             cfg.d_ff,
@@ -175,8 +244,9 @@ class Block(nnx.Module):
             gated=cfg.gated_ffn,
             kernel_init=init,
             out_init=out_init,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
             rngs=rngs,
-            **dt,
         )
         self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
@@ -185,21 +255,29 @@ class Block(nnx.Module):
         self.pre_norm = cfg.norm_position == "pre"
 
     def __call__(
-        self, x: jax.Array, *, mask: jax.Array | None = None, is_causal: bool = False, positions: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None = None,
+        is_causal: bool = False,
+        positions: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> jax.Array:
         """x: ``[B, T, M]`` -> ``[B, T, M]``."""
-        return self.feed_forward(self.attend(x, mask=mask, is_causal=is_causal, positions=positions))
 
-    def attend(self, x: jax.Array, *, mask=None, is_causal=False, positions=None, attn_fn=None) -> jax.Array:
-        """The attention sub-layer with its residual (and norm). ``attn_fn`` replaces the attention
-        call (the KV-cache decoder passes one); it takes the normalised input."""
-        attn_fn = attn_fn or (lambda h: self.attn(h, mask=mask, is_causal=is_causal, positions=positions))
-        if self.pre_norm:
-            return x + self.drop1(attn_fn(self.ln1(x))).astype(x.dtype)
-        return self.ln1(x + self.drop1(attn_fn(x)).astype(x.dtype))
+        def attn(h):
+            return self.attn(h, mask=mask, is_causal=is_causal, positions=positions, bias=bias)
 
-    def feed_forward(self, x: jax.Array) -> jax.Array:
-        """The FFN sub-layer with its residual (and norm)."""
-        if self.pre_norm:
-            return x + self.drop2(self.ffn(self.ln2(x))).astype(x.dtype)
-        return self.ln2(x + self.drop2(self.ffn(x)).astype(x.dtype))
+        x = residual(x, attn, self.ln1, self.drop1, self.pre_norm)
+        return residual(x, self.ffn, self.ln2, self.drop2, self.pre_norm)
+
+    def cached(self, x, keys, values, *, positions, start, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block over a KV cache (see :meth:`MultiHeadAttention.cached`): ``(x, keys, values)``."""
+        new = {}
+
+        def attn(h):
+            out, new["k"], new["v"] = self.attn.cached(h, keys, values, positions=positions, start=start, mask=mask)
+            return out
+
+        x = residual(x, attn, self.ln1, self.drop1, self.pre_norm)
+        return residual(x, self.ffn, self.ln2, self.drop2, self.pre_norm), new["k"], new["v"]

@@ -83,6 +83,52 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     return out
 
 
+def attention_mask(
+    *,
+    q_positions: jax.Array | None = None,
+    k_positions: jax.Array | None = None,
+    causal: bool = False,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+    k_valid: jax.Array | None = None,
+) -> jax.Array | None:
+    """Every attention mask the models need, from what each query and key *is* (Chapters 12 and 19).
+
+    A query may look at a key when all of the given conditions hold:
+
+    - ``causal``: the key's position is not after the query's (``k_pos <= q_pos``). Positions are
+      absolute, so the same rule serves training (``0..T-1`` both sides) and cached decoding
+      (queries at ``lengths + 0..T-1`` over cache slots ``0..S_max-1``).
+    - segments: query and key belong to the same packed document (``q_segments == k_segments``).
+    - ``k_valid``: the key is a real token, not padding (BERT's ``attention_mask``; encoder keys in
+      cross-attention).
+
+    Args:
+      q_positions: int ``[B, T]`` or ``[T]``; k_positions: int ``[B, S]`` or ``[S]`` (needed with ``causal``).
+      causal: apply the causal rule.
+      q_segments: int ``[B, T]``; k_segments: int ``[B, S]`` (defaults to ``q_segments``).
+      k_valid: bool ``[B, S]``.
+    Returns:
+      bool ``[B, 1, T, S]`` (``[1, 1, T, S]`` when nothing has a batch axis), or None when no condition
+      was given (everything may attend).
+    """
+    masks = []
+    if causal:
+        if q_positions is None or k_positions is None:
+            raise ValueError("a causal mask needs q_positions and k_positions")
+        qp = jnp.asarray(q_positions)
+        kp = jnp.asarray(k_positions)
+        qp = qp[None] if qp.ndim == 1 else qp
+        kp = kp[None] if kp.ndim == 1 else kp
+        masks.append(kp[:, None, None, :] <= qp[:, None, :, None])
+    if q_segments is not None:
+        ks = q_segments if k_segments is None else k_segments
+        masks.append(q_segments[:, None, :, None] == ks[:, None, None, :])
+    if k_valid is not None:
+        masks.append(padding_mask(k_valid))
+    return combine_masks(*masks)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     """``[B, T, M]`` -> ``[B, T, H, D]`` with ``D = M // H`` (Chapter 5, Part 2)."""
     B, T, M = x.shape
@@ -97,16 +143,41 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(B, T, H * D)
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """softmax(Q K^T / sqrt(D)) over keys, in float32 (Chapter 5, Parts 4-5).
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+    """Grouped-query attention's sharing, made explicit: ``[B, S, K, D]`` -> ``[B, S, H, D]``.
+
+    With ``K`` key/value heads for ``H`` query heads (``H`` a multiple of ``K``), query head ``h``
+    uses key/value head ``h // (H / K)``; ``K == H`` is ordinary multi-head attention, ``K == 1``
+    multi-query attention (Chapter 19, Part 7).
+    """
+    K = x.shape[2]
+    return x if K == num_heads else jnp.repeat(x, num_heads // K, axis=2)
+
+
+def attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+    """softmax(Q K^T * scale + bias) over keys, in float32 (Chapter 5, Parts 4-5).
 
     Args:
-      q: ``[B, T, H, D]``; k: ``[B, S, H, D]``; mask: bool, broadcastable to ``[B, H, T, S]``.
+      q: ``[B, T, H, D]``; k: ``[B, S, K, D]`` (``K`` divides ``H``; see :func:`repeat_kv`);
+      mask: bool, broadcastable to ``[B, H, T, S]``.
+      scale: multiplies the scores; None is the course's ``1 / sqrt(D)`` (T5 uses 1).
+      bias: float, broadcastable to ``[B, H, T, S]``, added to the scaled scores (T5's relative
+        position bias).
     Returns:
       float32 ``[B, H, T, S]``; each row sums to 1.
     """
+    k = repeat_kv(k, q.shape[2])
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
+    scores = scores * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, _MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
@@ -117,8 +188,11 @@ def _check_shapes(q, k, v, mask):
         raise ValueError(
             f"attention expects q [B, T, H, D] and k, v [B, S, H, D]; got {q.shape}, {k.shape}, {v.shape}"
         )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"incompatible q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"incompatible q {q.shape}, k {k.shape}, v {v.shape}: k and v must match, share q's batch and "
+            "head dim, and have a number of heads that divides q's"
+        )
     if mask is not None:
         B, T, H, _ = q.shape
         S = k.shape[1]
@@ -135,17 +209,23 @@ def attention(
     *,
     mask: jax.Array | None = None,
     is_causal: bool = False,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
     impl: AttentionImpl = "reference",
 ) -> jax.Array:
     """Scaled dot-product attention, ``softmax(Q K^T / sqrt(D)) V`` (Chapter 5; mask from Chapter 12).
 
     Args:
       q: ``[B, T, H, D]`` queries.
-      k, v: ``[B, S, H, D]`` keys and values (``S`` may differ from ``T``: cross-attention, KV cache).
+      k, v: ``[B, S, K, D]`` keys and values (``S`` may differ from ``T``: cross-attention, KV cache;
+        ``K`` key/value heads, a divisor of ``H``: grouped-query attention, :func:`repeat_kv`).
       mask: optional bool, broadcastable to ``[B, H, T, S]``; True = may attend.
       is_causal: also apply the causal mask ``causal_mask(T, S)`` (query t sees keys <= t). Saying
         so, rather than passing that mask, lets fused kernels (cuDNN) skip the masked half of the
         work instead of reading a ``[B, H, T, S]`` mask.
+      scale: multiplies ``Q K^T``; None means ``1 / sqrt(D)``.
+      bias: optional float, broadcastable to ``[B, H, T, S]``, added to the scaled scores before the
+        mask and softmax (T5's relative position bias).
       impl: ``"reference"`` is the readable einsum version (softmax in float32);
         ``"xla"`` calls ``jax.nn.dot_product_attention``; ``"cudnn"`` asks it for cuDNN's fused
         flash attention (NVIDIA GPUs, bf16/fp16) and falls back to ``"xla"`` with a warning where
@@ -160,7 +240,8 @@ def attention(
     if is_causal and impl == "reference":
         mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]))
     if impl == "reference":
-        w = attention_weights(q, k, mask)
+        w = attention_weights(q, k, mask, scale=scale, bias=bias)
+        v = repeat_kv(v, q.shape[2])
         out = jnp.einsum("bhts,bshd->bthd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return out.astype(q.dtype)
     if impl == "splash":
@@ -169,14 +250,20 @@ def attention(
                 f"attention impl 'splash' is a TPU kernel and this backend is {jax.default_backend()!r}; "
                 "use 'cudnn' on NVIDIA GPUs or 'xla' elsewhere"
             )
-        if mask is not None:
-            raise ValueError("attention impl 'splash' takes is_causal or no mask, not a mask array; use 'xla' for masks")
-        return splash_attention(q, k, v, is_causal=is_causal)
+        if mask is not None or bias is not None:
+            raise ValueError("attention impl 'splash' takes is_causal or no mask, not a mask or bias array; use 'xla'")
+        if scale is not None:
+            q = q * jnp.asarray(scale * math.sqrt(q.shape[-1]), q.dtype)  # the kernel applies 1/sqrt(D)
+        H = q.shape[2]
+        return splash_attention(q, repeat_kv(k, H), repeat_kv(v, H), is_causal=is_causal)
     if impl not in ("xla", "cudnn", "auto"):
         raise ValueError(f"unknown attention impl {impl!r}; choose 'reference', 'xla', 'cudnn', 'splash' or 'auto'")
     if mask is not None:
         B, T, H, _ = q.shape
         mask = jnp.broadcast_to(mask, (B, H, T, k.shape[1]))
+    if bias is not None:
+        B, T, H, _ = q.shape
+        bias = jnp.broadcast_to(bias, (B, H, T, k.shape[1])).astype(q.dtype)
     if is_causal and q.shape[1] != k.shape[1]:
         # jax.nn.dot_product_attention aligns its causal mask differently when T != S; be explicit.
         mask = combine_masks(mask, causal_mask(q.shape[1], k.shape[1]))
@@ -186,10 +273,12 @@ def attention(
         impl = "cudnn" if (half and jax.default_backend() == "gpu") else "xla"
     if impl == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn")
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
+                                                implementation="cudnn")
         except Exception as e:  # cuDNN refuses at trace time: unsupported device, dtype or shape
             _warn_fallback(e)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
+                                        implementation="xla")
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,

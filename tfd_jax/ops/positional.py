@@ -29,6 +29,21 @@ def sinusoidal_positions(num_positions: int, d_model: int, base: float = 10000.0
     return pe
 
 
+def default_positions(batch: int, length: int, offset: int | jax.Array = 0) -> jax.Array:
+    """The positions a sequence has when nobody says otherwise: ``offset + 0..T-1`` in every row.
+
+    Args:
+      batch: ``B``; length: ``T``; offset: an int, or int ``[B]`` (each row's first position, e.g.
+        how much of a KV cache row is already filled).
+    Returns:
+      int32 ``[B, T]``.
+    """
+    offset = jnp.asarray(offset, jnp.int32)
+    if offset.ndim == 1:
+        offset = offset[:, None]
+    return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
 def learned_positions(table: jax.Array, positions: jax.Array) -> jax.Array:
     """Look up rows of a trained position table (GPT-2's ``wpe``).
 
