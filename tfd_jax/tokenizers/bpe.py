@@ -36,9 +36,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from tfd_jax.tokenizers.base import Tokenizer, bad_id_error
+from tfd_jax.tokenizers.base import (
+    SpecialSplitter,
+    Tokenizer,
+    bad_id_error,
+    check_special_tokens,
+    roles_from_names,
+)
 
 #: How text is cut into chunks before BPE (merges stay inside a chunk). In order: English
 #: contractions ('s 't 're 've 'm 'll 'd), a run of letters (and underscores) with an optional leading
@@ -49,6 +55,7 @@ from tfd_jax.tokenizers.base import Tokenizer, bad_id_error
 SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d]+| ?\d{1,3}| ?[^\s\w]+|\s+(?!\S)|\s+"""
 
 NUM_BYTES = 256
+#: the roles of special tokens given as a role mapping (``{"eos": "<|endoftext|>"}``)
 SPECIAL_ROLES = ("pad", "bos", "eos")
 _CACHE_LIMIT = 1 << 16
 
@@ -217,12 +224,21 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE (Chapter 2): 256 byte tokens, then one token per learned merge, then specials.
 
     Ids: ``0..255`` bytes, ``256..256+len(merges)-1`` merges in training order, then the special
-    tokens (if any) in the order pad, bos, eos. ``encode`` never emits special ids; ``decode`` turns
-    them into their text (e.g. ``"<|endoftext|>"``).
+    tokens (if any). ``decode`` turns a special id into its text (e.g. ``"<|endoftext|>"``).
+
+    Special tokens come in two forms:
+
+    * a sequence of strings, e.g. ``BERT_SPECIAL_TOKENS`` (``"[PAD]" "[UNK]" "[CLS]" "[SEP]"
+      "[MASK]"``): registered special tokens (``tok.special_tokens``), with ids after the merges in
+      the order given; ``encode`` turns each of these strings in the text into its id, and the roles
+      (``pad_id``, ``cls_id``, ``mask_id``, ...) follow the names.
+    * a role mapping, e.g. ``{"eos": "<|endoftext|>"}`` (roles among pad, bos, eos): output-only
+      tokens, with ids after the merges in the order pad, bos, eos; ``encode`` reads their text as
+      plain text and never emits them (``tok.role_tokens`` holds the mapping).
 
     Args:
       merges: ``[(a, b), ...]`` in training order; merge ``r`` (from 0) creates id ``256 + r``.
-      special_tokens: role -> text, roles among ``"pad"``, ``"bos"``, ``"eos"``.
+      special_tokens: a sequence of special-token strings, or a role -> text mapping (see above).
       pattern: the pre-split regex (``SPLIT_PATTERN``).
     """
 
@@ -231,7 +247,7 @@ class BPETokenizer(Tokenizer):
     def __init__(
         self,
         merges: list[tuple[int, int]],
-        special_tokens: Mapping[str, str] | None = None,
+        special_tokens: Sequence[str] | Mapping[str, str] | None = None,
         pattern: str = SPLIT_PATTERN,
     ):
         self.merges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in merges]
@@ -243,18 +259,32 @@ class BPETokenizer(Tokenizer):
             if not (0 <= a < len(vocab) and 0 <= b < len(vocab)):
                 raise ValueError(f"merge {r} ({a}, {b}) refers to an id that does not exist yet (only {len(vocab)})")
             vocab.append(vocab[a] + vocab[b])
-        self.special_tokens: dict[str, str] = {}
-        for role, tok in (special_tokens or {}).items():
-            if role not in SPECIAL_ROLES:
-                raise ValueError(f"unknown special-token role {role!r}; use one of {', '.join(SPECIAL_ROLES)}")
-            if not isinstance(tok, str) or not tok:
-                raise ValueError(f"special token for {role!r} must be a non-empty string, got {tok!r}")
-        for role in SPECIAL_ROLES:  # fixed order, whatever order the mapping had
-            if role in (special_tokens or {}):
-                tok = special_tokens[role]
-                setattr(self, f"{role}_id", len(vocab))
-                self.special_tokens[role] = tok
-                vocab.append(tok.encode("utf-8"))
+        self.role_tokens: dict[str, str] = {}
+        if isinstance(special_tokens, Mapping):
+            for role, tok in special_tokens.items():
+                if role not in SPECIAL_ROLES:
+                    raise ValueError(
+                        f"unknown special-token role {role!r}; use one of {', '.join(SPECIAL_ROLES)}, or pass "
+                        f"the special tokens as a sequence of strings (e.g. BERT_SPECIAL_TOKENS)"
+                    )
+                if not isinstance(tok, str) or not tok:
+                    raise ValueError(f"special token for {role!r} must be a non-empty string, got {tok!r}")
+            for role in SPECIAL_ROLES:  # fixed order, whatever order the mapping had
+                if role in special_tokens:
+                    tok = special_tokens[role]
+                    setattr(self, f"{role}_id", len(vocab))
+                    self.role_tokens[role] = tok
+                    vocab.append(tok.encode("utf-8"))
+            registered: tuple[str, ...] = ()
+        else:
+            registered = check_special_tokens(special_tokens)
+        self._special_tokens = {}
+        for tok in registered:
+            self._special_tokens[tok] = len(vocab)
+            vocab.append(tok.encode("utf-8"))
+        for role, i in roles_from_names(self._special_tokens).items():
+            setattr(self, f"{role}_id", i)
+        self._splitter = SpecialSplitter(self._special_tokens)
         self._vocab = vocab
         self._cache: dict[str, tuple[int, ...]] = {}
 
@@ -267,7 +297,7 @@ class BPETokenizer(Tokenizer):
         *,
         verbose: bool = False,
         trace: Callable[[MergeStep], None] | None = None,
-        special_tokens: Mapping[str, str] | None = None,
+        special_tokens: Sequence[str] | Mapping[str, str] | None = None,
         pattern: str = SPLIT_PATTERN,
     ) -> "BPETokenizer":
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text`` (Chapter 2).
@@ -277,7 +307,8 @@ class BPETokenizer(Tokenizer):
           vocab_size: ``V``, the final vocabulary size, bytes and special tokens included.
           verbose: print every merge (``merge 1: 't' + 'h' -> 'th' (count 150) -> vocab 257``).
           trace: called with each :class:`MergeStep` as it is learned.
-          special_tokens: e.g. ``{"eos": "<|endoftext|>"}``; they take the last ids.
+          special_tokens: e.g. ``BERT_SPECIAL_TOKENS`` (registered, matched by ``encode``) or
+            ``{"eos": "<|endoftext|>"}`` (output-only); they take the last ids.
         Raises:
           ValueError: the corpus is empty, ``vocab_size`` is below 256 (+ specials), or the corpus
             runs out of pairs before reaching ``vocab_size`` (the message says how far it gets).
@@ -286,7 +317,9 @@ class BPETokenizer(Tokenizer):
             raise TypeError(f"BPETokenizer.train takes the corpus as a str, got {type(text).__name__}")
         if not text:
             raise ValueError("cannot train a BPE tokenizer: the corpus is empty; pass some text")
-        n_special = len(special_tokens or {})
+        if not isinstance(special_tokens, Mapping):
+            special_tokens = check_special_tokens(special_tokens)
+        n_special = len(special_tokens or ())
         floor = NUM_BYTES + n_special
         if vocab_size < floor:
             extra = f" + {n_special} special tokens" if n_special else ""
@@ -344,21 +377,27 @@ class BPETokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         """Text -> ids: split into chunks, then apply the merges to each chunk in rank order.
 
-        Returns a list of ints in ``range(vocab_size)``; never special ids.
+        Returns a list of ints in ``range(vocab_size)``. A registered special token in the text
+        (e.g. ``"[MASK]"``) gives its id; no other special id is ever emitted.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
         out: list[int] = []
         cache = self._cache
+        parts = self._splitter.split(text) if self._splitter else [text]
         try:
-            for chunk in self._regex.findall(text):
-                ids = cache.get(chunk)
-                if ids is None:
-                    ids = self._encode_chunk(chunk)
-                    if len(cache) >= _CACHE_LIMIT:
-                        cache.clear()
-                    cache[chunk] = ids
-                out.extend(ids)
+            for part in parts:
+                if isinstance(part, int):
+                    out.append(part)
+                    continue
+                for chunk in self._regex.findall(part):
+                    ids = cache.get(chunk)
+                    if ids is None:
+                        ids = self._encode_chunk(chunk)
+                        if len(cache) >= _CACHE_LIMIT:
+                            cache.clear()
+                        cache[chunk] = ids
+                    out.extend(ids)
         except UnicodeEncodeError as e:
             raise ValueError(
                 f"cannot encode text containing {e.object[e.start:e.end]!r} at index {e.start}: a lone "
@@ -392,7 +431,8 @@ class BPETokenizer(Tokenizer):
         return {
             "vocab_size": self.vocab_size,
             "pattern": self.pattern,
-            "special_tokens": self.special_tokens,
+            # a role mapping (output-only tokens) or a list (registered tokens); {} when none
+            "special_tokens": list(self._special_tokens) if self._special_tokens else self.role_tokens,
             "merges": [list(p) for p in self.merges],
         }
 
