@@ -32,13 +32,16 @@ def xavier_init() -> Initializer:
 
 
 def init_pair(scheme: str, num_layers: int) -> tuple[Initializer, Initializer]:
-    """(kernel init, residual-output init) for ``"gpt2"`` or ``"xavier"`` (the course)."""
+    """(kernel init, residual-output init) for ``"gpt2"``, ``"bert"`` (N(0, 0.02) everywhere) or
+    ``"xavier"`` (the course)."""
     if scheme == "xavier":
         return xavier_init(), xavier_init()
+    if scheme == "bert":
+        return normal_init(0.02), normal_init(0.02)
     if scheme == "gpt2":
         # Residual projections start smaller so the residual stream's variance does not grow with depth.
         return normal_init(0.02), normal_init(0.02 / math.sqrt(2 * num_layers))
-    raise ValueError(f"unknown init scheme {scheme!r}; choose 'gpt2' or 'xavier'")
+    raise ValueError(f"unknown init scheme {scheme!r}; choose 'gpt2', 'bert' or 'xavier'")
 
 
 class Linear(nnx.Module):
