@@ -83,6 +83,9 @@ class BertConfig:
             (self.remat in (True, False) or self.remat in REMAT_POLICIES,
              f"remat must be True/False or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}"),
             (0 <= self.pad_id < self.vocab_size, f"pad_id must be in [0, {self.vocab_size}), got {self.pad_id}"),
+            (self.attention_impl in ("reference", "xla", "cudnn", "splash", "auto"),
+             f"attention_impl must be 'reference', 'xla', 'cudnn', 'splash' or 'auto', got {self.attention_impl!r}"),
+            (isinstance(self.scan_layers, bool), f"scan_layers must be True or False, got {self.scan_layers!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -153,8 +156,9 @@ class Bert(nnx.Module):
 
     Inputs everywhere: ``tokens`` int ``[B, T]``; ``token_types`` int ``[B, T]`` (segment A = 0,
     B = 1; zeros by default); ``padding_mask`` bool ``[B, T]``, True on real tokens (Hugging Face's
-    ``attention_mask``; all True by default). Padding is right or left, any amount: real tokens'
-    outputs do not depend on it.
+    ``attention_mask``; all True by default). Pad on the right, any amount: real tokens' outputs do
+    not depend on it (positions count from the first token, as in Hugging Face's BERT, so left
+    padding would shift them).
     """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):

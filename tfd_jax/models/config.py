@@ -142,6 +142,15 @@ class GPTConfig:
         )
 
     def replace(self, **changes: Any) -> "GPTConfig":
+        """A copy with ``changes``. Sizes this config derived (``d_ff`` = 4M, ``head_dim`` = M / H,
+        ``num_kv_heads`` = H) are derived again from the new sizes unless they were set to something
+        else or are among the changes, so ``replace`` agrees with ``preset(name, **changes)``."""
+        derived = {"d_ff": ({"d_model"}, 4 * self.d_model),
+                   "head_dim": ({"d_model", "num_heads"}, self.d_model // self.num_heads),
+                   "num_kv_heads": ({"num_heads"}, self.num_heads)}
+        for name, (depends_on, default) in derived.items():
+            if name not in changes and depends_on & set(changes) and getattr(self, name) == default:
+                changes[name] = 0
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
