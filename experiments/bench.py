@@ -146,6 +146,7 @@ def build_train_step(setup: dict, cfg=None):
     from tfd_jax.models import GPT, GPTConfig
     from tfd_jax.train.optim import OptimConfig, make_optimizer
     from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
+    from tfd_jax.train.tasks import lm_loss
 
     cfg = cfg or GPTConfig.from_dict(setup["model"])
     B, T, precision, seed = setup["batch_size"], setup["seq_len"], setup["precision"], setup["seed"]
@@ -156,7 +157,7 @@ def build_train_step(setup: dict, cfg=None):
     optimizer, schedule = make_optimizer(OptimConfig(**setup["optim"]), setup["steps"] + setup["warmup"] + 1)
     state = jax.jit(lambda p: init_state(p, optimizer, seed, precision))(params)
     tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
-    step = make_train_step(graphdef, rest, optimizer, schedule, dropout_tags=tags, fp16=precision == "fp16")
+    step = make_train_step(graphdef, rest, optimizer, schedule, lm_loss, dropout_tags=tags, fp16=precision == "fp16")
     return model, state, jax.jit(step, donate_argnums=0), batch
 
 

@@ -103,3 +103,16 @@ def test_dict_round_trip_and_unknown_field():
         GPTConfig.from_dict({**cfg.to_dict(), "n_embd": 6})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.d_model = 8  # type: ignore[misc]
+
+
+def test_llama_family_presets_have_the_published_parameter_counts():
+    """The shapes of TinyLlama, SmolLM2, Qwen2.5 and Llama 2 (Chapter 19, Part 7): grouped-query
+    attention, SwiGLU, RMSNorm and untied (or tied) heads give each model's published size."""
+    published = {"tinyllama-1.1b": 1_100_048_384, "smollm2-135m": 134_515_008, "qwen2.5-0.5b": 494_032_768,
+                 "llama2-7b": 6_738_415_616}
+    for name, count in published.items():
+        cfg = GPTConfig.preset(name)
+        assert cfg.num_params() == count, name
+        assert cfg.norm == "rmsnorm" and cfg.gated_ffn and cfg.positions == "rope" and not cfg.out_bias
+    tiny = GPTConfig.preset("llama-tiny")
+    assert tiny.num_kv_heads < tiny.num_heads and not tiny.tie_embeddings

@@ -15,7 +15,7 @@ from flax import nnx
 
 from tfd_jax import ops
 from tfd_jax.models import GPT, GPTConfig
-from tfd_jax.train.step import batch_loss_sums
+from tfd_jax.train.tasks import lm_loss
 
 if jax.default_backend() != "gpu":
     pytest.skip(
@@ -34,7 +34,7 @@ def _loss_and_grads(impl: str, tokens, targets):
     @jax.jit
     def f(params):
         m = nnx.merge(graphdef, params, rest)
-        s, c = batch_loss_sums(m, {"tokens": tokens, "targets": targets, "mask": jnp.ones(tokens.shape, bool)})
+        s, c, _ = lm_loss(m, {"tokens": tokens, "targets": targets, "mask": jnp.ones(tokens.shape, bool)})
         return s / c
 
     loss, grads = jax.value_and_grad(f)(params)

@@ -19,6 +19,7 @@ from tfd_jax.train import sharding as shd
 from tfd_jax.train.metrics import read_metrics
 from tfd_jax.train.optim import OptimConfig, make_optimizer
 from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
+from tfd_jax.train.tasks import lm_loss
 
 CFG = GPTConfig.preset("tiny", vocab_size=61, d_model=32, num_heads=4, num_layers=2, context_length=16)
 
@@ -39,7 +40,7 @@ def setup(cfg=CFG, grad_accum=1, sgd=False):
         opt, sched = optax.sgd(1.0), optax.constant_schedule(1.0)
     else:
         opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
-    step = make_train_step(graphdef, rest, opt, sched, grad_accum=grad_accum)
+    step = make_train_step(graphdef, rest, opt, sched, lm_loss, grad_accum=grad_accum)
     return step, init_state(params, opt, 0, "fp32")
 
 
@@ -77,7 +78,7 @@ def test_fp16_loss_scale_search_is_not_divergence():
     token loss, and the gradient comes back unscaled (compared with float32)."""
     opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
     graphdef, params, rest = split_model(GPT(CFG.replace(dtype="float16"), rngs=nnx.Rngs(0)))
-    step = jax.jit(make_train_step(graphdef, rest, opt, sched, fp16=True), compiler_options=FAST)
+    step = jax.jit(make_train_step(graphdef, rest, opt, sched, lm_loss, fp16=True), compiler_options=FAST)
     batch = make_batch(4)
     state = init_state(params, opt, 0, "fp16")
     assert float(state["loss_scale"]) == 2.0**15
@@ -159,7 +160,7 @@ def test_dropout_draws_in_the_train_step(scan):
     model = GPT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
     graphdef, params, rest = split_model(model)
     opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
-    step = jax.jit(make_train_step(graphdef, rest, opt, sched, dropout_tags=rng_tags(model)))
+    step = jax.jit(make_train_step(graphdef, rest, opt, sched, lm_loss, dropout_tags=rng_tags(model)))
     batch = make_batch(4)
     losses = [float(step(init_state(params, opt, seed, "fp32"), batch)[1]["loss"]) for seed in (0, 0, 1)]
     assert np.isfinite(losses).all()

@@ -1,10 +1,15 @@
-"""``tfd-jax generate``: continue a prompt with a trained run or Hugging Face GPT-2 weights (Chapter 13).
+"""``tfd-jax generate``: continue a prompt with a trained run or Hugging Face weights (Chapter 13).
 
 Examples::
 
     tfd-jax generate --run runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.95
     tfd-jax generate --hf path/to/gpt2 --prompt "The cat sat" --max-new-tokens 40
     tfd-jax generate --hf path/to/weights-only --prompt-ids "464 3797 3332"
+
+A ``--hf`` directory may hold GPT-2, Llama or Qwen2 weights (its ``config.json`` says which; BERT is
+an encoder and does not generate) and its tokenizer files, read without ``transformers``
+(``vocab.json`` + ``merges.txt``, ``tokenizer.model``, ``vocab.txt`` or ``tokenizer.json``). A Hub
+name is read as GPT-2, with ``transformers``' tokenizer.
 
 Text is printed as it is produced: the decode loop runs in chunks of ``--chunk-size`` tokens and each
 chunk is decoded and written straight away. Without a tokenizer (a run saved without one, or a
@@ -58,6 +63,58 @@ def _hf_tokenizer(source: str):
     return _HFTokenizer(tok) if len(tok) > 1 else None
 
 
+#: Hugging Face ``model_type`` -> the loader in ``tfd_jax.interop`` (causal language models only)
+_HF_LOADERS = {"gpt2": "load_hf_gpt2", "llama": "load_hf_llama", "qwen2": "load_hf_llama"}
+#: encoder-only families: they have weights we load, but nothing to generate with
+_HF_ENCODERS = {"bert": "BERT"}
+
+
+def _hf_model_type(directory: str) -> str:
+    """``model_type`` of a Hugging Face model directory's ``config.json``, checked to be one we generate with."""
+    import json
+
+    from tfd_jax.cli import UserError
+
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        raise UserError(f"--hf {directory}: no config.json; pass a directory written by save_pretrained")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--hf {directory}: config.json cannot be read ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in _HF_ENCODERS:
+        raise UserError(f"--hf {directory}: {_HF_ENCODERS[model_type]} is an encoder (it fills in masked tokens, it "
+                        "does not continue text), so it cannot generate; use a causal model: "
+                        f"{', '.join(sorted(_HF_LOADERS))}")
+    if model_type not in _HF_LOADERS:
+        raise UserError(f"--hf {directory}: model_type {model_type!r} is not one this command generates with "
+                        f"({', '.join(sorted(_HF_LOADERS))})")
+    return model_type
+
+
+def _hf_dir_tokenizer(directory: str):
+    """The tokenizer of a local Hugging Face directory, read without ``transformers``; None when it
+    has no tokenizer files (weights only).
+
+    ``load_hf_tokenizer`` reads byte-level BPE, WordPiece and sentencepiece; a ``tokenizer.json`` of
+    another kind (WordLevel, Unigram, ...) is handed to ``transformers`` when it is installed.
+    """
+    from tfd_jax.cli import UserError
+    from tfd_jax.tokenizers.hf import has_hf_files, load_hf_tokenizer
+
+    if not has_hf_files(directory):
+        return None
+    try:
+        return load_hf_tokenizer(directory)
+    except (ValueError, FileNotFoundError) as e:
+        fallback = _hf_tokenizer(directory)
+        if fallback is None:
+            raise UserError(f"--hf {directory}: its tokenizer cannot be read: {str(e).splitlines()[0]}") from None
+        return fallback
+
+
 def _load(args):
     """(model, tokenizer or None) for ``--run`` or ``--hf``."""
     from tfd_jax.cli import UserError
@@ -69,10 +126,19 @@ def _load(args):
             raise UserError(f"loading training runs is not available: {e}") from None
         return load_for_inference(args.run)
     try:
-        from tfd_jax.interop.hf import load_hf_gpt2
+        from tfd_jax import interop
     except ImportError as e:
         raise UserError(f"loading Hugging Face weights is not available: {e}") from None
-    return load_hf_gpt2(args.hf), _hf_tokenizer(args.hf)
+    if not os.path.isdir(args.hf):  # a Hub name (or a path that does not exist): GPT-2, as before
+        return interop.load_hf_gpt2(args.hf), _hf_tokenizer(args.hf)
+    loader = getattr(interop, _HF_LOADERS[_hf_model_type(args.hf)])
+    tokenizer = _hf_dir_tokenizer(args.hf)  # before the weights: a bad or missing tokenizer fails fast
+    if tokenizer is None and args.prompt is not None and args.prompt_ids is None:
+        from tfd_jax.tokenizers.hf import LOOKED_FOR
+
+        raise UserError(f"--hf {args.hf} has no tokenizer files ({LOOKED_FOR}) to encode --prompt; save the "
+                        "tokenizer beside the weights, or pass the prompt as --prompt-ids \"1 2 3\"")
+    return loader(args.hf), tokenizer
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -173,15 +239,15 @@ def register(subparsers) -> None:
     """Add ``generate`` to the ``tfd-jax`` command line."""
     p = subparsers.add_parser(
         "generate",
-        help="continue a prompt with a trained model or Hugging Face GPT-2 weights",
-        description="Continue a prompt with a trained run or Hugging Face GPT-2 weights, printing the\n"
+        help="continue a prompt with a trained model or Hugging Face GPT-2 / Llama / Qwen2 weights",
+        description="Continue a prompt with a trained run or Hugging Face GPT-2, Llama or Qwen2 weights, printing the\n"
         "text as it is produced (Chapter 13's generation loop, with a KV cache).",
         epilog="examples:\n" + __doc__.split("Examples::\n\n")[1].split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="DIR", help="a training run directory (config.json, tokenizer/, checkpoints)")
-    src.add_argument("--hf", metavar="NAME_OR_DIR", help="Hugging Face GPT-2 weights: a save_pretrained directory or a Hub name")
+    src.add_argument("--hf", metavar="NAME_OR_DIR", help="Hugging Face weights: a save_pretrained directory (GPT-2, Llama, Qwen2) or a GPT-2 Hub name")
     p.add_argument("--prompt", help="the text to continue")
     p.add_argument("--prompt-ids", metavar="IDS", help='the prompt as token ids, e.g. "464 3797 3332" (prints ids)')
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to add (default: 100, or what fits the context)")

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass and named presets (Chapters 9 and 14).
 
-The course's own model and GPT-2 are both presets of one configurable decoder; the fields say where
-they differ (``norm_position``, ``final_norm``, ``activation``, ``positions``, ``tie_embeddings``,
+The course's own model, GPT-2 and the Llama family are all presets of one configurable decoder; the
+fields say where they differ (``norm_position``, ``final_norm``, ``activation``, ``positions``, ``tie_embeddings``,
 biases). Use ``dataclasses.replace`` or ``GPTConfig.preset(name, **overrides)`` to vary one.
 """
 from __future__ import annotations
@@ -221,6 +221,23 @@ _COURSE = dict(
     init="xavier",
 )
 
+# The modern decoder (Chapter 19, Part 7): pre-RMSNorm, SwiGLU, rotary positions, grouped-query
+# attention, no biases, an untied head; Hugging Face's LlamaForCausalLM (tfd_jax.interop.load_hf_llama).
+_LLAMA = dict(
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    norm_position="pre",
+    final_norm=True,
+    activation="silu",
+    gated_ffn=True,
+    positions="rope",
+    tie_embeddings=False,
+    qkv_bias=False,
+    out_bias=False,
+    ffn_bias=False,
+    init="gpt2",
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The course's toy model (Chapters 3-9): 6 wide, 2 heads of 3, FFN 24, 3 post-LN layers.
     "course": dict(_COURSE, vocab_size=50000, context_length=512, d_model=6, num_heads=2, d_ff=24, num_layers=3, dropout=0.1),
@@ -232,4 +249,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_GPT2, vocab_size=512, context_length=128, d_model=64, num_heads=4, num_layers=2),
     "small": dict(_GPT2, vocab_size=4096, context_length=256, d_model=128, num_heads=4, num_layers=4),
     "mini": dict(_GPT2, vocab_size=8192, context_length=256, d_model=384, num_heads=6, num_layers=6),
+    # The Llama family. Shapes of published models (load their weights with interop.load_hf_llama),
+    # and a CPU-sized one. Llama 3.x checkpoints also rescale RoPE frequencies, which is not built yet.
+    "llama-tiny": dict(_LLAMA, vocab_size=512, context_length=128, d_model=64, num_heads=4, num_kv_heads=2,
+                       num_layers=2, d_ff=176),
+    "llama2-7b": dict(_LLAMA, vocab_size=32000, context_length=4096, d_model=4096, num_heads=32, num_layers=32,
+                      d_ff=11008),
+    "tinyllama-1.1b": dict(_LLAMA, vocab_size=32000, context_length=2048, d_model=2048, num_heads=32, num_kv_heads=4,
+                           num_layers=22, d_ff=5632),
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, context_length=8192, d_model=576, num_heads=9, num_kv_heads=3,
+                         num_layers=30, d_ff=1536, rope_base=100000.0, tie_embeddings=True),
+    "qwen2.5-0.5b": dict(_LLAMA, vocab_size=151936, context_length=32768, d_model=896, num_heads=14, num_kv_heads=2,
+                         num_layers=24, d_ff=4864, norm_eps=1e-6, rope_base=1000000.0, tie_embeddings=True,
+                         qkv_bias=True),
 }

@@ -19,6 +19,7 @@ from tfd_jax.ops.dropout import dropout
 from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, dense, feed_forward, gated_feed_forward
 from tfd_jax.ops.head import head_cross_entropy, head_matmul
 from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
+from tfd_jax.ops.masking import mlm_mask
 from tfd_jax.ops.norms import layer_norm, rms_norm
 from tfd_jax.ops.positional import apply_rope, default_positions, learned_positions, rope_frequencies, sinusoidal_positions
 from tfd_jax.ops.sampling import (
@@ -56,6 +57,7 @@ __all__ = [
     "layer_norm",
     "learned_positions",
     "merge_heads",
+    "mlm_mask",
     "padding_mask",
     "perplexity",
     "repeat_kv",

@@ -307,14 +307,16 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
     """
     from flax import nnx
 
-    from tfd_jax.models import GPT, GPTConfig, with_layout
+    from tfd_jax.models import registry, with_layout
     from tfd_jax.tokenizers import load_tokenizer
 
     cfg = read_config(run_dir)
-    model_cfg = GPTConfig.from_dict(cfg["model"])
+    arch = cfg.get("arch", "gpt")
+    model_cfg = registry.config_from_dict(arch, cfg["model"])
     # No dropout at inference, so the model carries no RNG state at all.
-    model_cfg = model_cfg.replace(dropout=0.0, embed_dropout=0.0, **({"dtype": dtype} if dtype else {}))
-    model = nnx.eval_shape(lambda: GPT(model_cfg, rngs=nnx.Rngs(0)))
+    no_dropout = {k: 0.0 for k in ("dropout", "embed_dropout") if hasattr(model_cfg, k)}
+    model_cfg = model_cfg.replace(**no_dropout, **({"dtype": dtype} if dtype else {}))
+    model = nnx.eval_shape(lambda: registry.build(arch, model_cfg, nnx.Rngs(0)))
     graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
     ckpt_dir = Path(run_dir).absolute() / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():

@@ -14,10 +14,18 @@ def register(subparsers) -> None:
     d = TrainConfig()
     p = subparsers.add_parser(
         "train",
-        help="train a GPT (default: a small model on the Python standard library, a few minutes on a CPU)",
+        help="train a model (default: a small GPT on the Python standard library, a few minutes on a CPU; --task mlm: a BERT)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default=d.preset, help="model preset (course, tiny, small, mini, gpt2, ...)")
+    p.add_argument("--task", default=d.task, choices=["lm", "mlm"],
+                   help="the objective: next-token language modelling (GPT) or masked-LM pre-training (BERT)")
+    p.add_argument("--arch", default=None, choices=["gpt", "bert"], help="the model family (default: the task's)")
+    p.add_argument("--preset", default=None,
+                   help="model preset: GPT course, tiny, small (default), mini, gpt2, llama-tiny, ...; BERT tiny (default), "
+                        "course-encoder, bert-base, bert-large")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights instead of random ones: a run directory or a Hugging Face model "
+                        "directory (its tokenizer comes too; fine-tuning, Chapter 18)")
     p.add_argument("--data", default=d.data, help="pystdlib, tinyshakespeare, or a text file / directory / glob")
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="use at most this much training text (0 = all)")
     p.add_argument("--tokenizer", default=d.tokenizer, choices=["spm", "bpe", "char"])
@@ -118,7 +126,8 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
 
     overrides = dict(base.model_overrides)
     if was("model"):
-        overrides.update(parse_model_overrides(args.model))
+        arch = args.arch or (base.arch if given is not None else None) or ("bert" if args.task == "mlm" else "gpt")
+        overrides.update(parse_model_overrides(args.model, arch))
     if was("dropout") and args.dropout is not None:
         overrides["dropout"] = args.dropout
     if was("remat") and args.remat:
@@ -136,7 +145,7 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
         "seq_len": args.seq_len, "grad_accum": args.grad_accum, "sampling": args.sampling,
         "precision": args.precision, "mesh": args.mesh, "seed": args.seed, "log_every": args.log_every,
         "eval_every": args.eval_every, "eval_batches": args.eval_batches, "ckpt_every": args.ckpt_every,
-        "samples": args.samples,
+        "samples": args.samples, "task": args.task, "arch": args.arch, "init_from": args.init_from,
     }
     changes = {k: v for k, v in direct.items() if was(k)}
     if was("no_progress"):
@@ -150,11 +159,12 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
                                **changes)
 
 
-def parse_model_overrides(items: list[str]) -> dict:
-    """``["d_model=256", "tie_embeddings=false"]`` -> typed overrides of ``GPTConfig`` fields."""
-    from tfd_jax.models import GPTConfig
+def parse_model_overrides(items: list[str], arch: str = "gpt") -> dict:
+    """``["d_model=256", "tie_embeddings=false"]`` -> typed overrides of ``GPTConfig`` (or, for
+    ``arch="bert"``, ``BertConfig``) fields."""
+    from tfd_jax.models import BertConfig, GPTConfig
 
-    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    fields = {f.name: f for f in dataclasses.fields(BertConfig if arch == "bert" else GPTConfig)}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")

@@ -30,11 +30,14 @@ class TrainConfig:
     """Everything ``tfd-jax train`` can set. Defaults: the README's main job (a few minutes on a laptop CPU)."""
 
     out: str = "runs/pystdlib"
+    task: str = "lm"  # the objective: "lm" (next token, GPT) or "mlm" (masked-LM, BERT); see train.tasks
+    arch: str | None = None  # "gpt" or "bert"; None: the task's own
+    init_from: str | None = None  # start from these weights (a run directory or a Hugging Face model dir)
     data: str = "pystdlib"
     max_bytes: int | None = 3_000_000  # cap on the training text, for quick runs (None = all)
     tokenizer: str = "spm"  # "spm" (sentencepiece BPE), "bpe" (the course's, from scratch), "char"
     vocab_size: int = 2048
-    preset: str = "small"
+    preset: str | None = None  # None: the architecture's default, "small" (GPT) or "tiny" (BERT)
     model_overrides: dict = field(default_factory=dict)
     steps: int = 300
     batch_size: int = 16
@@ -118,15 +121,22 @@ def flag(name: str) -> str:
     return "--" + name.split(".")[-1].replace("_", "-")
 
 
+#: the preset a run uses when none is named
+DEFAULT_PRESET = {"gpt": "small", "bert": "tiny"}
+
+
 def _show(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Range-check every setting; one ``TrainingError`` listing all that are wrong."""
+def validate(cfg: TrainConfig, task=None) -> None:
+    """Range-check every setting; one ``TrainingError`` listing all that are wrong. ``task``: a task
+    object that replaces ``cfg.task`` (a loss of the caller's own)."""
     from tfd_jax.data.pipeline import SAMPLINGS
+    from tfd_jax.models.bert import BERT_PRESETS
     from tfd_jax.models.config import PRESETS
     from tfd_jax.train.precision import PRECISIONS
+    from tfd_jax.train.tasks import TASKS
 
     problems = []
 
@@ -152,8 +162,17 @@ def validate(cfg: TrainConfig) -> None:
          "a positive number of bytes (0 on the command line: all)", cfg.max_bytes)
     need(is_int(cfg.vocab_size) and 2 <= cfg.vocab_size <= 2**31 - 1, "vocab_size", "an integer >= 2", cfg.vocab_size)
     need(is_num(cfg.spike_factor) and cfg.spike_factor > 1, "spike_factor", "a number > 1", cfg.spike_factor)
-    if cfg.preset not in PRESETS:
-        problems.append(f"unknown --preset {cfg.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    task_arch = task.arch if task is not None else (TASKS[cfg.task].arch if cfg.task in TASKS else "gpt")
+    arch = cfg.arch or task_arch
+    presets = {"gpt": PRESETS, "bert": BERT_PRESETS}.get(arch)
+    if task is None and cfg.task not in TASKS:
+        problems.append(f"unknown --task {cfg.task!r}; choose one of {', '.join(sorted(TASKS))}")
+    elif cfg.arch is not None and cfg.arch != task_arch:
+        problems.append(f"--task {cfg.task} trains --arch {task_arch}, not {cfg.arch}")
+    if presets is None:
+        problems.append(f"unknown --arch {cfg.arch!r}; choose gpt or bert")
+    elif cfg.preset is not None and cfg.preset not in presets and cfg.init_from is None:
+        problems.append(f"unknown --preset {cfg.preset!r} for --arch {arch}; choose one of {', '.join(sorted(presets))}")
     if cfg.tokenizer not in ("spm", "bpe", "char"):
         problems.append(f"unknown --tokenizer {cfg.tokenizer!r}; choose spm, bpe or char")
     if cfg.sampling not in SAMPLINGS:

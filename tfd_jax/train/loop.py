@@ -1,14 +1,18 @@
-"""The training loop: data, model, sharded jitted steps, evaluation, checkpoints, metrics (Chapter 17).
+"""The Trainer: data, model, sharded jitted steps, evaluation, checkpoints, metrics, for any task (Chapter 17).
 
-``train(TrainConfig(...))`` is what ``tfd-jax train`` runs. In order:
+``train(TrainConfig(...))`` (or ``Trainer(cfg, task).run()``) is what ``tfd-jax train`` runs. The
+objective is a task (``tfd_jax.train.tasks``: next-token LM, masked-LM, or one of the caller's own);
+everything below holds for every task. In order:
 
 1. check every setting, the mesh and the run directory before anything is written; a new run is
    made in a staging directory and moved into ``out`` whole (``rundir``), a resumed run must keep
    its settings (``config.resume_changes``), and the run directory is locked for as long as the
    run lasts;
-2. load the corpus, train the tokenizer, tokenize train and val splits (on resume: check the run's
-   token files against its tokenizer and the identity recorded when it started);
-3. build the mesh, initialise the sharded model and optimizer state directly on the devices;
+2. load the corpus, train the tokenizer (with the task's special tokens; or take the tokenizer of
+   ``--init-from``), tokenize train and val splits (on resume: check the run's token files against
+   its tokenizer and the identity recorded when it started);
+3. build the mesh, initialise the sharded model and optimizer state directly on the devices (or
+   load ``--init-from``'s weights onto them);
 4. on resume, restore state and data iterator from the newest intact checkpoint (onto this mesh);
 5. loop: one jitted, donated step per batch; every ``log_every`` steps pull metrics to the host,
    write ``metrics.jsonl`` and update the progress bar; evaluate every ``eval_every``; save every
@@ -34,17 +38,19 @@ import numpy as np
 from flax import nnx
 
 from tfd_jax.faults import silence_orbax_aftermath, system_fault
-from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.models import registry
 from tfd_jax.train import checkpoint as ckpt
 from tfd_jax.train import metrics as mx
 from tfd_jax.train import rundir
 from tfd_jax.train import sharding as shd
-from tfd_jax.train.config import RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
+from tfd_jax.train.config import DEFAULT_PRESET, RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
 from tfd_jax.train.optim import make_optimizer
 from tfd_jax.train.precision import compute_dtype, default_precision
-from tfd_jax.train.step import init_state, make_eval_step, make_train_step, rng_tags, split_model
+from tfd_jax.train.step import init_state, make_eval_step, make_train_step, merge_model, rng_tags, split_trainable
+from tfd_jax.train.tasks import Task, get_task
 
-__all__ = ["TrainConfig", "TrainingError", "RunFailed", "Stopped", "train", "model_config_for", "summary_json"]
+__all__ = ["TrainConfig", "TrainingError", "RunFailed", "Stopped", "Trainer", "train", "model_config_for",
+           "summary_json"]
 
 
 class RunFailed(TrainingError):
@@ -89,10 +95,18 @@ def _on_main(name: str, fn):
     return result
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str) -> GPTConfig:
-    overrides = {"vocab_size": vocab_size, "dtype": compute_dtype(precision), **cfg.model_overrides}
-    base = GPTConfig.preset(cfg.preset, **overrides)
+def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str, arch: str = "gpt", base=None):
+    """The model config a run trains: the preset (or ``base``, e.g. ``--init-from``'s) with the
+    run's vocabulary, compute dtype and ``--model`` overrides, and a context at least ``seq_len`` long."""
+    overrides = {"dtype": compute_dtype(precision), **cfg.model_overrides}
+    if base is None:
+        base = registry.config_preset(arch, cfg.preset or DEFAULT_PRESET[arch], vocab_size=vocab_size, **overrides)
+    else:
+        base = base.replace(**overrides)
     if cfg.seq_len > base.context_length:
+        if base is not None and cfg.init_from:
+            raise TrainingError(f"--seq-len {cfg.seq_len} is longer than the context of --init-from's model "
+                                f"({base.context_length})")
         base = base.replace(context_length=cfg.seq_len)
     return base
 
@@ -121,7 +135,8 @@ class _Run:
 
     out: Path
     cfg: TrainConfig  # the settings this process trains with (a resumed run: the run's, plus the allowed changes)
-    model_cfg: GPTConfig
+    arch: str
+    model_cfg: Any
     precision: str
     tokenizer: Any
     train_tokens: Any
@@ -134,7 +149,7 @@ class _Run:
             self.lock.release()
 
 
-def _open_run(cfg: TrainConfig, log) -> _Run:
+def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
     out = Path(cfg.out)
     mode = rundir.plan(out, resume=cfg.resume, force=cfg.force)  # read-only: every process, same verdict
     if mode == "resume":
@@ -146,7 +161,17 @@ def _open_run(cfg: TrainConfig, log) -> _Run:
                 lock.release()
             raise
     precision = cfg.precision or default_precision()
-    model_config_for(cfg, cfg.vocab_size, precision)  # bad model settings fail here, before any data is read
+    arch = cfg.arch or task.arch
+    source = None
+    if cfg.init_from:
+        from tfd_jax.train.init import open_source
+
+        source = open_source(cfg.init_from)  # read-only: every process
+        if source.arch != arch:
+            raise TrainingError(f"--init-from {cfg.init_from} holds a {source.arch} model, and --task {task.name} "
+                                f"trains a {arch}")
+    # bad model settings fail here, before any data is read
+    model_config_for(cfg, cfg.vocab_size, precision, arch, base=source.model_config if source else None)
 
     def make():
         replacing = rundir.RunLock.acquire(out) if mode == "replace" else None
@@ -157,15 +182,20 @@ def _open_run(cfg: TrainConfig, log) -> _Run:
                 replacing.release()
             raise
         try:
-            tokenizer, train_tf, val_tf = _prepare_data(cfg, staging.path, log)
+            tokenizer, train_tf, val_tf = _prepare_data(cfg, task, staging.path, log,
+                                                        tokenizer=source.tokenizer if source else None)
             _check_iterators(cfg, train_tf, val_tf)
-            model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision)
+            model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision, arch,
+                                         base=source.model_config if source else None)
             from tfd_jax.data.tokenized import identity
 
-            ckpt.write_config(staging.path, {
-                "model": model_cfg.to_dict(), "train": cfg.to_dict(), "precision": precision,
-                "data": {"train": identity(train_tf), "val": identity(val_tf)},
-            })
+            record = {
+                "arch": arch, "task": task.name, "model": model_cfg.to_dict(), "train": cfg.to_dict(),
+                "precision": precision, "data": {"train": identity(train_tf), "val": identity(val_tf)},
+            }
+            if source is not None:
+                record["init_from"] = source.describe()
+            ckpt.write_config(staging.path, record)
             lock = staging.commit()
         except BaseException:
             staging.discard()
@@ -177,8 +207,8 @@ def _open_run(cfg: TrainConfig, log) -> _Run:
     lock = _on_main("prepared the run directory", make)
     try:
         tokenizer, train_tf, val_tf = _load_run_data(out)
-        model_cfg = GPTConfig.from_dict(ckpt.read_config(out)["model"])
-        return _Run(out, cfg, model_cfg, precision, tokenizer, train_tf, val_tf, lock, {})
+        model_cfg = registry.config_from_dict(arch, ckpt.read_config(out)["model"])
+        return _Run(out, cfg, arch, model_cfg, precision, tokenizer, train_tf, val_tf, lock, {})
     except BaseException:
         if lock is not None:
             lock.release()
@@ -187,14 +217,19 @@ def _open_run(cfg: TrainConfig, log) -> _Run:
 
 def _resume_run(cfg: TrainConfig, out: Path, lock) -> _Run:
     run = ckpt.read_config(out)
+    arch = run.get("arch", "gpt")
     precision = run.get("precision") or cfg.precision or default_precision()
     tokenizer, train_tf, val_tf = _load_run_data(out)
+    run_model = registry.config_from_dict(arch, run["model"])
+    run = dict(run, model=run_model.to_dict())  # fields added since the run started: their defaults
     try:
-        given_model = model_config_for(cfg, tokenizer.vocab_size, precision)
+        # a run started from other weights has no preset to rebuild: the given flags apply to its model
+        given_model = model_config_for(cfg, tokenizer.vocab_size, precision, arch,
+                                       base=run_model if run.get("init_from") else None)
     except ValueError as e:
         raise TrainingError(f"--resume: {e}") from None
     changes = resume_changes(run, cfg, given_model.to_dict())
-    model_cfg = GPTConfig.from_dict(run["model"]).replace(**{k: getattr(given_model, k) for k in RESUMABLE_MODEL})
+    model_cfg = run_model.replace(**{k: getattr(given_model, k) for k in RESUMABLE_MODEL if hasattr(given_model, k)})
     from tfd_jax.data.tokenized import identity
 
     recorded = run.get("data") or {}
@@ -207,7 +242,7 @@ def _resume_run(cfg: TrainConfig, out: Path, lock) -> _Run:
                 "the same data: put the original files back, or start a new run with another --out"
             )
     cfg = dataclasses.replace(cfg, precision=TrainConfig.from_dict(run["train"]).precision)
-    return _Run(out, cfg, model_cfg, precision, tokenizer, train_tf, val_tf, lock, changes)
+    return _Run(out, cfg, arch, model_cfg, precision, tokenizer, train_tf, val_tf, lock, changes)
 
 
 def _load_run_data(out: Path):
@@ -227,9 +262,9 @@ def _load_run_data(out: Path):
     return tokenizer, *splits
 
 
-def _prepare_data(cfg: TrainConfig, directory: Path, log):
-    """Load the corpus, train the tokenizer and write the token files into ``directory``:
-    (tokenizer, train TokenFile, val TokenFile)."""
+def _prepare_data(cfg: TrainConfig, task: Task, directory: Path, log, tokenizer=None):
+    """Load the corpus, train the tokenizer (unless one is given) and write the token files into
+    ``directory``: (tokenizer, train TokenFile, val TokenFile)."""
     from tfd_jax.data import load_corpus
     from tfd_jax.data.tokenized import write_tokens
 
@@ -240,11 +275,13 @@ def _prepare_data(cfg: TrainConfig, directory: Path, log):
     # A character vocabulary must cover the validation text too (nanoGPT builds it from all of the
     # text); BPE and sentencepiece fall back to bytes, so they see only training text.
     text = train_corpus.text + (val_corpus.text if cfg.tokenizer == "char" else "")
-    tokenizer = _train_tokenizer(cfg, text)
+    if tokenizer is None:
+        tokenizer = _train_tokenizer(cfg, text, task.special_tokens)
     tokenizer.save(directory / ckpt.TOKENIZER_DIR)
     train_tf = write_tokens(train_corpus, tokenizer, directory / "data" / "train", progress=cfg.progress)
     val_tf = write_tokens(val_corpus, tokenizer, directory / "data" / "val", progress=cfg.progress)
-    log(f"tokenizer {cfg.tokenizer} ({tokenizer.vocab_size} tokens) and data ready in {time.time() - t0:.1f}s")
+    kind = cfg.tokenizer if not cfg.init_from else f"from {cfg.init_from}"
+    log(f"tokenizer {kind} ({tokenizer.vocab_size} tokens) and data ready in {time.time() - t0:.1f}s")
     return tokenizer, train_tf, val_tf
 
 
@@ -257,15 +294,16 @@ def _check_iterators(cfg: TrainConfig, train_tf, val_tf) -> None:
         raise TrainingError(f"validation split too small: {e}") from None
 
 
-def _train_tokenizer(cfg: TrainConfig, text: str):
+def _train_tokenizer(cfg: TrainConfig, text: str, special_tokens=()):
     from tfd_jax.tokenizers import BPETokenizer, CharTokenizer, SentencePieceTokenizer
 
+    special = {"special_tokens": tuple(special_tokens)} if special_tokens else {}
     if cfg.tokenizer == "spm":
-        return SentencePieceTokenizer.train(text, cfg.vocab_size)
+        return SentencePieceTokenizer.train(text, cfg.vocab_size, **special)
     if cfg.tokenizer == "bpe":
-        return BPETokenizer.train(text, cfg.vocab_size)
+        return BPETokenizer.train(text, cfg.vocab_size, **special)
     if cfg.tokenizer == "char":
-        return CharTokenizer.train(text)
+        return CharTokenizer.train(text, **special)
     raise TrainingError(f"unknown tokenizer {cfg.tokenizer!r}; choose 'spm', 'bpe' or 'char'")
 
 
@@ -289,27 +327,49 @@ def _describe_changes(changes: dict) -> str:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns a summary dict (final losses, timings).
+class Trainer:
+    """Trains one task as ``cfg`` says: ``Trainer(cfg).run()``, or ``Trainer(cfg, task).run()`` with a
+    task object of one's own (a :class:`~tfd_jax.train.tasks.Task`: its loss, its architecture).
+
+    The Trainer owns the mesh, the run directory (lock, staging, resume checks), initialisation
+    (the task's model from a preset, a run's checkpoint, or Hugging Face weights with
+    ``cfg.init_from``), the jitted step, evaluation, checkpoints, metrics, signals and progress; the
+    task owns the loss. ``run()`` returns a summary dict (final losses, timings).
 
     Raises ``TrainingError`` for settings, data or a run directory that cannot be used (nothing is
     written then), :class:`RunFailed` when a started run cannot go on (the message names the
     newest complete checkpoint).
     """
-    shd.maybe_initialize_distributed()
-    is_main = jax.process_index() == 0
 
-    def log(msg: str) -> None:
-        if is_main:
-            print(msg, flush=True)
+    def __init__(self, cfg: TrainConfig, task: Task | None = None):
+        if task is not None and cfg.task != task.name:
+            cfg = dataclasses.replace(cfg, task=task.name)
+        self.cfg = cfg
+        self.custom_task = task is not None
+        self.task = task
 
-    validate(cfg)
-    mesh = _make_mesh(cfg)
-    run = _open_run(cfg, log)
-    try:
-        return _train(run, mesh, log, is_main)
-    finally:
-        run.release()
+    def run(self) -> dict:
+        shd.maybe_initialize_distributed()
+        is_main = jax.process_index() == 0
+
+        def log(msg: str) -> None:
+            if is_main:
+                print(msg, flush=True)
+
+        cfg = self.cfg
+        validate(cfg, self.task if self.custom_task else None)
+        task = self.task or get_task(cfg.task)
+        mesh = _make_mesh(cfg)
+        run = _open_run(cfg, task, log)
+        try:
+            return _train(run, task, mesh, log, is_main)
+        finally:
+            run.release()
+
+
+def train(cfg: TrainConfig, task: Task | None = None) -> dict:
+    """Run (or resume) training as configured: ``Trainer(cfg, task).run()``."""
+    return Trainer(cfg, task).run()
 
 
 def _safe_point(checkpointer, out: Path, *, fault: bool = True) -> str:
@@ -324,35 +384,50 @@ def _safe_point(checkpointer, out: Path, *, fault: bool = True) -> str:
     return f"{where}; {then}: tfd-jax train --out {out} --resume"
 
 
-def _train(run: _Run, mesh, log, is_main: bool) -> dict:
+def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     cfg, out, model_cfg, precision = run.cfg, run.out, run.model_cfg, run.precision
     tokenizer, val_tokens = run.tokenizer, run.val_tokens
     data_it = _train_iterator(cfg, run.train_tokens)
+    try:
+        task.setup(tokenizer, model_cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
     # Build the model's structure without allocating, then initialise directly with the shardings.
     def make_model():
-        return GPT(model_cfg, rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+        return registry.build(run.arch, model_cfg, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
 
     abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params, abstract_rest = split_model(abstract_model)
+    graphdef, abstract_params, abstract_fixed, abstract_rest = split_trainable(abstract_model, task.trainable)
     p_sh = shd.param_shardings(abstract_params, mesh)
+    f_sh = shd.param_shardings(abstract_fixed, mesh)
     rep = shd.replicated(mesh)
 
     @jax.jit
     def init_params_and_rest():
-        _, p, r = split_model(make_model())
-        return jax.lax.with_sharding_constraint(p, p_sh), r
+        _, p, f, r = split_trainable(make_model(), task.trainable)
+        return jax.lax.with_sharding_constraint(p, p_sh), jax.lax.with_sharding_constraint(f, f_sh), r
 
     with jax.set_mesh(mesh):
-        params, rest = init_params_and_rest()
-    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    n_embed = model_cfg.vocab_size * model_cfg.d_model + (model_cfg.context_length * model_cfg.d_model if model_cfg.positions == "learned" else 0)
+        params, fixed, rest = init_params_and_rest()
+    if cfg.init_from and not cfg.resume:
+        from tfd_jax.train.init import load_weights
+
+        params, fixed = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, params, fixed, rest, (p_sh, f_sh))
+        log(f"initialised from {cfg.init_from}")
+    n_params = sum(int(x.size) for x in jax.tree.leaves((params, fixed)))
+    n_embed = sum(int(x.size) for tree in (params, fixed) for path, x in nnx.to_flat_state(tree)
+                  if path[0] in ("tok_embed", "pos_embed", "type_embed"))
 
     optimizer, schedule = make_optimizer(cfg.optim, cfg.steps)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed, precision), params)
-    state_sh = _state_shardings(abstract_state, optimizer, p_sh, rep)
-    state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, precision), out_shardings=state_sh)(params)
-    del params
+
+    def new_state(p, f):
+        return init_state(p, optimizer, cfg.seed, precision, fixed=f)
+
+    abstract_state = jax.eval_shape(new_state, params, fixed)
+    state_sh = _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh)
+    state = jax.jit(new_state, out_shardings=state_sh)(params, fixed)
+    del params, fixed
 
     # We hold the run's lock, so unfinished saves in the directory are a killed process's leftovers.
     checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints, cleanup_tmp=True)
@@ -392,8 +467,10 @@ def _train(run: _Run, mesh, log, is_main: bool) -> dict:
         rest,
         optimizer,
         schedule,
+        task.loss_fn,
+        prepare=task.prepare,
         grad_accum=cfg.grad_accum,
-        dropout_tags=rng_tags(abstract_model) if (model_cfg.dropout or model_cfg.embed_dropout) else (),
+        dropout_tags=rng_tags(abstract_model) if _has_dropout(model_cfg) else (),
         fp16=precision == "fp16",
     )
 
@@ -403,13 +480,19 @@ def _train(run: _Run, mesh, log, is_main: bool) -> dict:
         out_shardings=(state_sh, rep),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, rest), in_shardings=(state_sh["params"], shd.batch_sharding(mesh)))
+    task_metrics = sorted(set(jax.eval_shape(train_step, abstract_state, _abstract_batch(cfg))[1])
+                          - {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_finite", "overflow", "tokens"})
+    eval_fn = jax.jit(make_eval_step(graphdef, rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
+                      in_shardings=(state_sh["params"], state_sh.get("fixed", rep), shd.batch_sharding(mesh)))
 
-    fpt = mx.flops_per_token(mx.matmul_params(model_cfg), model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
+    matmul = mx.matmul_params(model_cfg) if run.arch == "gpt" else n_params - n_embed + model_cfg.vocab_size * model_cfg.d_model
+    fpt = mx.flops_per_token(matmul, model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
     peak = mx.peak_flops_per_device()
     metrics_log = mx.MetricsLog(out, resume_step=start_step if cfg.resume else None, warn=log)
+    trains = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     log(
-        f"model {cfg.preset}: {n_params:,} parameters ({n_params - n_embed:,} without embeddings), "
+        f"{task.name} task, {run.arch} model {cfg.init_from or cfg.preset or DEFAULT_PRESET[run.arch]}: {n_params:,} parameters"
+        + (f" ({trains:,} trained)" if trains != n_params else "") + f" ({n_params - n_embed:,} without embeddings), "
         f"{model_cfg.num_layers} layers, d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size}; "
         f"precision {precision}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)"
     )
@@ -498,6 +581,8 @@ def _train(run: _Run, mesh, log, is_main: bool) -> dict:
                 "mfu": mx.mfu(tps, fpt, jax.device_count(), peak) if tps else None,
                 "nonfinite_steps": int(state_counts["nonfinite"]),
             }
+            for name in task_metrics:  # the task's own, e.g. mlm_loss, masked_accuracy
+                record[name] = float(last[name]) if bool(last["finite"]) else None
             if precision == "fp16":
                 scale = float(state_counts["loss_scale"])
                 record["loss_scale"] = scale
@@ -508,8 +593,9 @@ def _train(run: _Run, mesh, log, is_main: bool) -> dict:
             if streak >= cfg.max_nonfinite_streak:
                 raise RunFailed(_diverged_message(step, streak, checkpointer))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss = _evaluate(cfg, eval_fn, state["params"], val_tokens, mesh)
+                val_loss, val_metrics = _evaluate(cfg, eval_fn, state, val_tokens, mesh)
                 record["val_loss"] = val_loss
+                record.update({f"val_{k}": v for k, v in val_metrics.items()})
             if log_now:  # (a checkpoint step only checks the counters above; it logs nothing)
                 metrics_log.write(record)
             if bar is not None:
@@ -576,16 +662,19 @@ def _train(run: _Run, mesh, log, is_main: bool) -> dict:
         from jax.experimental import multihost_utils
 
         host_params = multihost_utils.process_allgather(state["params"], tiled=True)  # a collective: all processes
+        host_fixed = multihost_utils.process_allgather(state.get("fixed", nnx.State({})), tiled=True)
     elif want_samples:
-        host_params = jax.device_get(state["params"])
+        host_params, host_fixed = jax.device_get((state["params"], state.get("fixed", nnx.State({}))))
     if is_main:
         png = mx.plot_loss(out)
         if png:
             log(f"loss curve: {png}")
         if want_samples:
-            model = nnx.merge(graphdef, host_params, rest)
+            model = merge_model(graphdef, host_params, host_fixed, rest)
             model.eval()
-            summary["samples"] = print_samples(model, tokenizer, cfg, log)
+            samples = task.samples(model, tokenizer, cfg, log)
+            if samples is not None:
+                summary["samples"] = samples
     return summary
 
 
@@ -594,7 +683,18 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _state_shardings(abstract_state, optimizer, p_sh, rep):
+def _has_dropout(model_cfg) -> bool:
+    return bool(getattr(model_cfg, "dropout", 0.0) or getattr(model_cfg, "embed_dropout", 0.0))
+
+
+def _abstract_batch(cfg: TrainConfig) -> dict:
+    """The shapes of one training batch (see ``tfd_jax.data.pipeline``)."""
+    shape = (cfg.batch_size, cfg.seq_len)
+    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
+
+
+def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
     import optax
 
     opt_sh = optax.tree_utils.tree_map_params(
@@ -605,7 +705,8 @@ def _state_shardings(abstract_state, optimizer, p_sh, rep):
         transform_non_params=lambda _: rep,
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
-    return {k: (p_sh if k == "params" else opt_sh if k == "opt_state" else rep) for k in abstract_state}
+    special = {"params": p_sh, "opt_state": opt_sh, "fixed": f_sh}
+    return {k: special[k] if special.get(k) is not None else rep for k in abstract_state}
 
 
 def _train_iterator(cfg: TrainConfig, tokens):
@@ -627,14 +728,19 @@ def _iterator_save(it):
     return IteratorSave(it)
 
 
-def _evaluate(cfg: TrainConfig, eval_fn, params, val_tokens, mesh) -> float:
-    """Mean validation loss over ``eval_batches`` fixed batches (the same ones every time)."""
+def _evaluate(cfg: TrainConfig, eval_fn, state, val_tokens, mesh) -> tuple[float, dict]:
+    """Mean validation loss (and the task's metrics) over ``eval_batches`` fixed batches (the same
+    ones every time)."""
     it = _val_iterator(cfg, val_tokens)
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
+    fixed = state.get("fixed", nnx.State({}))
     for _ in range(cfg.eval_batches):
-        s, c = eval_fn(params, shd.global_batch(next(it), mesh))
+        s, c, extra = jax.device_get(eval_fn(state["params"], fixed, shd.global_batch(next(it), mesh)))
         total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+        for k, v in extra.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(count, 1.0)
+    return total / n, {k: v / n for k, v in sums.items()}
 
 
 def _diverged_message(step: int, streak: int, checkpointer) -> str:

@@ -1,9 +1,22 @@
-"""The training step: loss, gradients (accumulated over micro-batches), checks, one optimizer update.
+"""The training step for any task: its loss, gradients (accumulated over micro-batches), checks, one update.
+
+The step knows no model family and no objective. A task gives a loss function
+
+    loss_fn(model, batch, frozen) -> (loss_sum, count, metrics)
+
+(the summed loss over what the batch counts, how many things it counted, and a dict of further sums
+to report per counted thing), and optionally ``prepare(batch, key) -> batch``, run inside the step
+before the loss (masked-LM masking draws its masks there, from the step's key, so a resumed run
+masks exactly as an uninterrupted one). ``frozen`` is any pytree the loss needs but never trains (a
+reference model's parameters, later): passed in as an argument, sharded, not donated.
 
 Training state is a plain dict pytree so it can be sharded, donated and checkpointed as is:
 
     {"step": int32, "params": nnx.State, "opt_state": optax state, "rng": uint32 [2],
      "loss_scale": float32, "good_steps": int32, "nonfinite": int32, "nonfinite_streak": int32}
+
+plus ``"fixed"``, the model's parameters that do not train, when a task trains only some of them
+(``params`` then holds the trainable ones).
 
 Shape letters: B batch, T sequence length, A gradient-accumulation micro-batches.
 """
@@ -24,6 +37,18 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def split_trainable(model: nnx.Module, trainable=nnx.Param):
+    """(graphdef, trainable params, fixed params, rest): what trains, the other parameters, and
+    everything else. ``trainable`` is an NNX filter over parameters (all of them by default, e.g.
+    ``nnx.PathContains("classifier")`` for only a new head)."""
+    return nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
+
+
+def merge_model(graphdef, params, fixed, rest, **kwargs) -> nnx.Module:
+    """The inverse of :func:`split_trainable` (``fixed`` may be an empty ``nnx.State``)."""
+    return nnx.merge(graphdef, params, fixed, rest, **kwargs)
+
+
 def rng_tags(model: nnx.Module) -> tuple[str, ...]:
     """Names of the RNG streams the model's dropout layers draw from."""
     return tuple(
@@ -31,9 +56,10 @@ def rng_tags(model: nnx.Module) -> tuple[str, ...]:
     )
 
 
-def init_state(params, optimizer: optax.GradientTransformation, seed: int, precision: str) -> dict:
-    """A fresh training state around ``params``."""
-    return {
+def init_state(params, optimizer: optax.GradientTransformation, seed: int, precision: str, fixed=None) -> dict:
+    """A fresh training state around ``params`` (and the ``fixed`` parameters, when some do not train)."""
+    extra = {"fixed": fixed} if fixed is not None and jax.tree.leaves(fixed) else {}
+    return extra | {
         "step": jnp.asarray(0, jnp.int32),
         "params": params,
         "opt_state": optimizer.init(params),
@@ -45,30 +71,25 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int, preci
     }
 
 
-def batch_loss_sums(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, number of counted tokens) for a batch dict with ``tokens``, ``targets``,
-    ``mask`` (all ``[B, T]``) and optionally ``positions`` and ``segment_ids``."""
-    losses = model.token_losses(
-        batch["tokens"], batch["targets"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
-    )
-    mask = batch["mask"].astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
 def make_train_step(
     graphdef,
     rest,
     optimizer: optax.GradientTransformation,
     schedule: Callable,
+    loss_fn: Callable,
     *,
+    prepare: Callable | None = None,
     grad_accum: int = 1,
     dropout_tags: tuple[str, ...] = (),
     fp16: bool = False,
     growth_interval: int = 2000,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """Build ``step(state, batch[, poison]) -> (state, metrics)`` (not yet jitted; the loop jits it).
+    """Build ``step(state, batch, poison, frozen) -> (state, metrics)`` (not yet jitted; the Trainer jits it).
 
-    The loss is the mean over all counted tokens of the whole batch. With ``grad_accum = A`` the
+    ``loss_fn(model, batch, frozen) -> (loss_sum, count, metric sums)`` and ``prepare(batch, key)``
+    as in the module notes; ``graphdef`` and ``rest`` are from :func:`split_model`.
+
+    The loss is the mean over all counted tokens (or examples) of the whole batch. With ``grad_accum = A`` the
     batch is cut into A micro-batches (row ``i`` goes to micro-batch ``i mod A``, so each one keeps
     rows from every device); their summed losses and gradients are added up and divided by the total
     token count once, which gives exactly the full-batch gradient (Chapter 15).
@@ -81,42 +102,48 @@ def make_train_step(
     that stops a diverging run.
     """
 
-    def loss_sums(params, batch, key):
+    def loss_sums(params, fixed, batch, key, frozen):
         # copy=True: variables of this trace's own, so reseeding (and dropout's counters) may write them
-        model = nnx.merge(graphdef, params, rest, copy=True)
+        model = merge_model(graphdef, params, fixed, rest, copy=True)
         if dropout_tags:
             # match_shape: a scan_layers model's streams hold one key per layer ([L]); each gets its own.
             nnx.reseed(model, policy="match_shape", **{t: key for t in dropout_tags})
-        return batch_loss_sums(model, batch)
+        s, c, extra = loss_fn(model, batch, frozen)
+        return jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32), extra
 
-    def grads_of(params, batch, key, scale):
+    def grads_of(params, fixed, batch, key, scale, frozen):
         def scaled(p):
-            s, c = loss_sums(p, batch, key)
-            return s * scale, (s, c)
+            s, c, extra = loss_sums(p, fixed, batch, key, frozen)
+            return s * scale, (s, c, extra)
 
+        (_, (s, c, extra)), g = jax.value_and_grad(scaled, has_aux=True)(params)
+        return g, s, c, extra
 
-        (_, (s, c)), g = jax.value_and_grad(scaled, has_aux=True)(params)
-        return g, s, c
-
-    def step(state: dict, batch: dict, poison: jax.Array | float = 1.0) -> tuple[dict, dict]:
+    def step(state: dict, batch: dict, poison: jax.Array | float = 1.0, frozen=None) -> tuple[dict, dict]:
         # `poison` multiplies the loss; NaN there rehearses a diverged step (tests, --debug-nan-at).
         params, scale = state["params"], state["loss_scale"]
+        fixed = state.get("fixed", nnx.State({}))
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if prepare is not None:  # the task's per-step randomness (masking), from the step's own key
+            batch = prepare(batch, jax.random.fold_in(key, 1 << 20))
         if fp16:  # the scale is per token of a micro-batch: what the backward pass sees is the mean
             scale = scale / (batch["mask"].size // grad_accum)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
-            g, s, c = grads_of(params, batch, key, scale * poison)
+            g, s, c, extra = grads_of(params, fixed, batch, key, scale * poison, frozen)
         else:
             B = batch["tokens"].shape[0]
             micro = jax.tree.map(lambda x: x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+            shapes = jax.eval_shape(lambda mb: loss_sums(params, fixed, mb, key, frozen)[2],
+                                    jax.tree.map(lambda x: x[0], micro))
 
             def body(carry, inp):
                 i, mb = inp
-                g, s, c = grads_of(params, mb, jax.random.fold_in(key, i), scale * poison)
-                return jax.tree.map(jnp.add, carry, (g, s, c)), None
+                out = grads_of(params, fixed, mb, jax.random.fold_in(key, i), scale * poison, frozen)
+                return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-            (g, s, c), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0),
+                     jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+            (g, s, c, extra), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
         count = jnp.maximum(c, 1.0)
         grads = jax.tree.map(lambda x: x / (scale * count), g)
         loss = s * poison / count
@@ -135,7 +162,7 @@ def make_train_step(
                                                 growth_interval=growth_interval)
         else:
             new_scale, good = state["loss_scale"], state["good_steps"]
-        new_state = {
+        new_state = dict(state) | {
             "step": state["step"] + 1,
             "params": keep(new_params, params),
             "opt_state": keep(new_opt, state["opt_state"]),
@@ -156,18 +183,23 @@ def make_train_step(
             "loss_finite": loss_finite,
             "overflow": overflow,
             "tokens": c,
+            **{name: v / count for name, v in extra.items()},
         }
         return new_state, metrics
 
     return step
 
 
-def make_eval_step(graphdef, rest) -> Callable[[dict, dict], tuple[jax.Array, jax.Array]]:
-    """``eval_step(params, batch) -> (loss sum, token count)`` with dropout off."""
+def make_eval_step(graphdef, rest, loss_fn: Callable, *, prepare: Callable | None = None, seed: int = 0) -> Callable:
+    """``eval_step(params, fixed, batch, frozen) -> (loss sum, count, metric sums)`` with dropout off.
 
-    def eval_step(params, batch):
-        model = nnx.merge(graphdef, params, rest)
+    ``prepare`` draws from a key fixed by ``seed``, so every evaluation masks the same positions."""
+
+    def eval_step(params, fixed, batch, frozen=None):
+        model = merge_model(graphdef, params, fixed, rest)
         model.eval()
-        return batch_loss_sums(model, batch)
+        if prepare is not None:
+            batch = prepare(batch, jax.random.key(seed + 54321))
+        return loss_fn(model, batch, frozen)
 
     return eval_step

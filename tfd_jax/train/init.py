@@ -1,0 +1,148 @@
+"""Where a run's first weights come from when they are not random: ``--init-from`` (Chapter 18).
+
+Chapter 18 starts from a pretrained model instead of from scratch. ``--init-from`` takes either
+
+- a tfd_jax run directory: its model config, its tokenizer and the parameters of its newest intact
+  checkpoint (only the weights: a new run, with its own optimizer, schedule and step count), or
+- a Hugging Face model directory (``save_pretrained``): GPT-2, Llama / Qwen2 or BERT weights
+  through ``tfd_jax.interop``, and its tokenizer through ``tfd_jax.tokenizers.load_hf_tokenizer``.
+
+The new run keeps the source's architecture, sizes and vocabulary; ``--model`` overrides that do
+not change the weights' shapes (dropout, remat, attention) still apply.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from tfd_jax.train.config import TrainingError
+
+#: Hugging Face ``model_type`` -> (our architecture, loader name in ``tfd_jax.interop``)
+HF_FAMILIES = {"gpt2": ("gpt", "load_hf_gpt2"), "llama": ("gpt", "load_hf_llama"),
+               "qwen2": ("gpt", "load_hf_llama"), "bert": ("bert", "load_hf_bert")}
+
+
+@dataclass
+class Source:
+    """An opened ``--init-from``: what it is, its architecture, model config and tokenizer."""
+
+    path: Path
+    kind: str  # "run" or "hf"
+    arch: str
+    model_config: Any
+    tokenizer: Any
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "kind": self.kind}
+
+
+def open_source(path: str) -> Source:
+    """Read ``--init-from``'s config and tokenizer (no weights yet); a clear error for anything else."""
+    from tfd_jax.models import registry
+    from tfd_jax.train import checkpoint as ckpt
+
+    p = Path(path)
+    if not p.is_dir():
+        what = "is a file, not a directory" if p.exists() else "no such directory"
+        raise TrainingError(f"--init-from {path}: {what} (give a tfd_jax run directory or a Hugging Face "
+                            "model directory)")
+    config_file = p / "config.json"
+    if not config_file.is_file():
+        raise TrainingError(f"--init-from {path}: no config.json; it is neither a run directory nor a Hugging Face model")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--init-from {path}: config.json cannot be read ({e})") from None
+    if "train" in config and "model" in config:  # one of our runs
+        from tfd_jax.tokenizers import load_tokenizer
+
+        arch = config.get("arch", "gpt")
+        try:
+            model_config = registry.config_from_dict(arch, config["model"])
+            tokenizer = load_tokenizer(p / ckpt.TOKENIZER_DIR)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise TrainingError(f"--init-from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return _checked(Source(p, "run", arch, model_config, tokenizer))
+    model_type = config.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise TrainingError(f"--init-from {path}: Hugging Face model_type {model_type!r} is not one this library "
+                            f"loads ({', '.join(sorted(HF_FAMILIES))})")
+    from tfd_jax import interop
+    from tfd_jax.tokenizers import load_hf_tokenizer
+
+    arch, _ = HF_FAMILIES[model_type]
+    convert = {"gpt2": "gpt2_config_from_hf", "llama": "llama_config_from_hf", "qwen2": "llama_config_from_hf",
+               "bert": "bert_config_from_hf"}[model_type]
+    try:
+        model_config = getattr(interop, convert)(config)
+        tokenizer = load_hf_tokenizer(p)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(f"--init-from {path}: {e}") from None
+    return _checked(Source(p, "hf", arch, model_config, tokenizer))
+
+
+def _checked(source: Source) -> Source:
+    """A tokenizer with more ids than the model has embeddings would train on ids past the table
+    (JAX clamps out-of-range gathers silently): refuse it. Fewer is fine (Qwen2 pads its table)."""
+    n_tok, n_model = source.tokenizer.vocab_size, source.model_config.vocab_size
+    if n_tok > n_model:
+        raise TrainingError(f"--init-from {source.path}: its tokenizer has {n_tok:,} tokens but the model only "
+                            f"{n_model:,} embeddings; the tokenizer files do not belong to these weights")
+    return source
+
+
+#: model fields a run started from other weights may set differently from them: they change how
+#: the model runs (precision, dropout, memory, attention kernel, layout), not what it computes
+#: from its weights; ``context_length`` too (learned positions must keep their shape, which
+#: :func:`load_weights` checks; RoPE has none)
+FREE_FIELDS = frozenset({"dropout", "embed_dropout", "remat", "attention_impl", "scan_layers", "dtype",
+                         "param_dtype", "vocab_pad_multiple", "context_length"})
+
+
+def check_model_config(path: str, source_cfg, model_cfg) -> None:
+    """Refuse a ``--model`` override that changes the architecture of ``--init-from``'s weights.
+
+    Some change no shape (``num_heads`` with the same ``d_model``, ``norm_eps``, ``activation``,
+    ``rope_base``, ...): the weights would load and silently compute something else."""
+    a, b = source_cfg.to_dict(), model_cfg.to_dict()
+    changed = sorted(k for k in a.keys() | b.keys() if k not in FREE_FIELDS and a.get(k) != b.get(k))
+    if changed:
+        shown = ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} here" for k in changed)
+        raise TrainingError(f"--init-from {path}: --model cannot change the architecture of the weights it loads "
+                            f"({shown}); only {', '.join(sorted(FREE_FIELDS))} may differ")
+
+
+def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest, shardings):
+    """The parameters of ``--init-from``, placed like ``params`` and ``fixed`` (the freshly
+    initialised trees, whose paths and shapes they must match): ``(params, fixed)``."""
+    from tfd_jax import interop
+    from tfd_jax.nn import with_layout
+    from tfd_jax.train import checkpoint as ckpt
+
+    source = open_source(path)
+    check_model_config(path, source.model_config, model_cfg)
+    if source.kind == "run":
+        model, _ = ckpt.load_for_inference(source.path)
+    else:
+        model_type = json.loads((source.path / "config.json").read_text())["model_type"]
+        model = getattr(interop, HF_FAMILIES[model_type][1])(source.path)
+    model = with_layout(model, scan_layers=model_cfg.scan_layers)
+    loaded = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = []
+    for tree, sharding in zip((params, fixed), shardings):
+        flat = []
+        for key, var in nnx.to_flat_state(tree):
+            if key not in loaded:
+                raise TrainingError(f"--init-from {path}: the source has no parameter {'/'.join(map(str, key))}")
+            value = loaded[key].get_value()
+            if value.shape != var.get_value().shape:
+                raise TrainingError(f"--init-from {path}: {'/'.join(map(str, key))} has shape {value.shape} there, "
+                                    f"{var.get_value().shape} here")
+            flat.append((key, var.replace(value=value.astype(var.get_value().dtype))))
+        out.append(jax.device_put(nnx.from_flat_state(flat), sharding))
+    return tuple(out)
