@@ -70,7 +70,7 @@ def test_generate_hf_llama_dir_equals_transformers_greedy(llama_dir):
         "'--temperature', '0']); "
         "print('transformers imported:', 'transformers' in sys.modules, file=sys.stderr); sys.exit(rc)"
     )
-    r = subprocess.run([sys.executable, "-c", script], env=one_device_env(), capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], env=one_device_env(), capture_output=True, text=True, check=False,
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "\ufffd" not in expected and len(expected) >= len(PROMPT) + N_NEW

@@ -7,6 +7,7 @@ source checkpoint's weights for a run, with transformers on the same batch for H
 Refusals are checked in-process (they come before any data is read) and must leave ``--out`` unmade.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from tfd_jax.cli import main
 from tfd_jax.data.pipeline import make_iterator
 from tfd_jax.data.tokenized import load_tokens
 from tfd_jax.tokenizers import CharTokenizer, load_tokenizer
-from trainkit import MODEL_FLAGS, cli_args, losses, run_cli, write_corpus
+from tfd_jax.train import OptimConfig, train
+from trainkit import MODEL_FLAGS, cfg, cli_args, losses, one_device_env, run_cli, write_corpus
 
 SRC_STEPS = 4  # checkpoints at steps 2 and 4: the new run must take the newest
 
@@ -44,10 +46,10 @@ def source_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("init_from")
     corpus = write_corpus(d / "corpus.txt")
     src = d / "src"
-    # a high, constant learning rate: the weights move far from their initialisation in a few steps
-    r = run_cli(cli_args(corpus, src, steps=SRC_STEPS, ckpt_every=2, eval_every=100, lr=0.02, min_lr=0.02,
-                         warmup=0))
-    assert r.returncode == 0, r.stderr
+    # In-process (the runs under test are the subprocesses), on the test's eight CPU devices; a high,
+    # constant learning rate moves the weights far from their initialisation in a few steps.
+    train(cfg(corpus, src, steps=SRC_STEPS, ckpt_every=2, eval_every=100, eval_batches=1,
+              optim=OptimConfig(lr=0.02, min_lr=0.02, warmup_steps=0)))
     return d, src
 
 
@@ -59,7 +61,10 @@ def test_init_from_run_starts_from_its_newest_checkpoint(source_run):
     narrow = d / "narrow.txt"
     narrow.write_text(" ".join(np.random.default_rng(1).choice(["alpha", "beta", "\n"], size=6000)))
     new = d / "new"
-    r = run_cli(cli_args(narrow, new, steps=1, eval_every=100) + ["--init-from", str(src)])
+    # On the same eight devices as the source run. (Restoring it on one device fails today: see
+    # load_for_inference in train/checkpoint.py, which gives orbax no restore_args.)
+    env = dict(one_device_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    r = run_cli(cli_args(narrow, new, steps=1, eval_every=100, eval_batches=1) + ["--init-from", str(src)], env=env)
     assert r.returncode == 0, r.stderr
     record = config(new)
     assert record["init_from"] == {"path": str(src), "kind": "run"}
@@ -104,11 +109,11 @@ def test_init_from_hf_gpt2_dir_fine_tunes_from_its_weights(source_run):
     model.save_pretrained(hf)
     tok.save_model(str(hf))  # vocab.json + merges.txt beside the weights
     new = d / "from_hf"
-    args = cli_args(corpus, new, steps=1, eval_every=100)
+    args = cli_args(corpus, new, steps=1, eval_every=100, eval_batches=1)
     i = args.index(MODEL_FLAGS[0])
     del args[i: i + len(MODEL_FLAGS)]  # the model is the checkpoint's, not trainkit's TINY
-    r = run_cli(args + ["--init-from", str(hf)])
-    assert r.returncode == 0, r.stderr
+    # In-process, through the command line's own entry point (a subprocess would spend its time importing)
+    assert main(args[3:] + ["--init-from", str(hf)]) == 0
 
     record = config(new)
     assert record["init_from"] == {"path": str(hf), "kind": "hf"}
@@ -145,6 +150,12 @@ def test_refusals_are_one_line_and_write_nothing(source_run, tmp_path, capsys):
     empty.mkdir()
     assert "no config.json" in _refused(base + ["--init-from", str(empty)], out, capsys)
     assert "no such directory" in _refused(base + ["--init-from", str(tmp_path / "nope")], out, capsys)
+    # a run directory that has not saved a checkpoint yet: its config and tokenizer, but no weights
+    unsaved = tmp_path / "unsaved"
+    unsaved.mkdir()
+    for name in ("config.json", "tokenizer"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, unsaved / name)
+    assert "no checkpoint" in _refused(base + ["--init-from", str(unsaved)], out, capsys)
 
     bert = tmp_path / "bert"
     transformers.BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -164,7 +175,9 @@ def test_refusals_are_one_line_and_write_nothing(source_run, tmp_path, capsys):
 
 def test_architecture_override_is_refused(source_run, tmp_path, capsys):
     """``--model num_heads=4`` on 2-head weights changes no shape (d_model stays 32): they would load
-    and compute something else. Refused (today only once the run directory exists: see init.py)."""
+    and compute something else. Refused; today by ``init.load_weights``, once the run directory
+    exists (``loop._open_run`` should call ``init.check_model_config`` before making it), so only
+    the absence of a checkpoint is asserted."""
     d, src = source_run
     out = tmp_path / "out"
     argv = cli_args(d / "corpus.txt", out, steps=1)[3:] + ["--model", "num_heads=4", "--init-from", str(src)]

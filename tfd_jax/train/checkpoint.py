@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -326,13 +325,16 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
 
+    item = {"params": target}
+    # Restore arguments from the target say where each array goes (one device here), whatever the
+    # devices the run saved from: a checkpoint of an 8-device run loads on one.
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+
     def attempt(s):
-        with warnings.catch_warnings():
-            # Only the parameters are restored, onto one device; orbax notes it read their layout from disk.
-            warnings.filterwarnings("ignore", message="Sharding info not provided")
-            return mngr.restore(
-                s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)),
-            )
+        return mngr.restore(
+            s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                      partial_restore=True)),
+        )
 
     def report(s, reason):
         if log is not None:

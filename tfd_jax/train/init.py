@@ -67,6 +67,10 @@ def open_source(path: str) -> Source:
             tokenizer = load_tokenizer(p / ckpt.TOKENIZER_DIR)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise TrainingError(f"--init-from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        ckpt_dir = p / ckpt.CHECKPOINT_DIR
+        if not (ckpt_dir.is_dir() and any(c.name.isdigit() for c in ckpt_dir.iterdir())):
+            raise TrainingError(f"--init-from {path}: the run has no checkpoint in {ckpt_dir} yet; its weights are "
+                                "saved every --ckpt-every steps and at its end")
         return _checked(Source(p, "run", arch, model_config, tokenizer))
     model_type = config.get("model_type")
     if model_type not in HF_FAMILIES:

@@ -171,7 +171,11 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
             raise TrainingError(f"--init-from {cfg.init_from} holds a {source.arch} model, and --task {task.name} "
                                 f"trains a {arch}")
     # bad model settings fail here, before any data is read
-    model_config_for(cfg, cfg.vocab_size, precision, arch, base=source.model_config if source else None)
+    planned = model_config_for(cfg, cfg.vocab_size, precision, arch, base=source.model_config if source else None)
+    if source is not None:
+        from tfd_jax.train.init import check_model_config
+
+        check_model_config(cfg.init_from, source.model_config, planned)
 
     def make():
         replacing = rundir.RunLock.acquire(out) if mode == "replace" else None
@@ -451,6 +455,13 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
         if found is None:
             log(f"{out} has no checkpoint yet: starting from step 0 with the run's settings"
                 + (f"; changed: {changed}" if changed else ""))
+            if cfg.init_from:  # step 0 of this run is --init-from's weights, not random ones
+                from tfd_jax.train.init import load_weights
+
+                p, f = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, state["params"],
+                                    state.get("fixed", nnx.State({})), rest, (p_sh, f_sh))
+                state = jax.jit(new_state, out_shardings=state_sh)(p, f)
+                log(f"initialised from {cfg.init_from}")
         else:
             state, data_it = restored, fresh_its[-1]
             start_step = int(jax.device_get(state["step"]))
