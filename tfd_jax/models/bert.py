@@ -14,7 +14,6 @@ Shape letters: B batch, T sequence length, M model width, V vocabulary, C classe
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +25,15 @@ from tfd_jax import ops
 from tfd_jax.models.gpt import check_tokens
 from tfd_jax.nn import BlockConfig, Dropout, Embed, LayerNorm, Linear, make_blocks, normal_init, run_blocks
 from tfd_jax.nn import Block, xavier_init
-from tfd_jax.nn.config import DTYPES
-from tfd_jax.nn.stack import REMAT_POLICIES, remat_name
+from tfd_jax.nn.config import DTYPES, ConfigMixin
+from tfd_jax.nn.stack import REMAT_POLICIES
 from tfd_jax.ops.feedforward import ACTIVATIONS
 
 __all__ = ["Bert", "BertConfig", "BERT_PRESETS"]
 
 
 @dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ConfigMixin):
     """Everything that defines a BERT-style encoder.
 
     Sizes: ``vocab_size`` V, ``context_length`` (Hugging Face's ``max_position_embeddings``),
@@ -95,18 +94,6 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    @property
-    def remat_policy(self) -> str:
-        return remat_name(self.remat)
-
     def block(self) -> BlockConfig:
         """Each of the L blocks: post-LN, bidirectional (the mask is the caller's), LayerNorm, no gate."""
         return BlockConfig(
@@ -116,26 +103,6 @@ class BertConfig:
             dropout=self.dropout, init=self.init, attention_impl=self.attention_impl, dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-
-    def replace(self, **changes: Any) -> "BertConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown BertConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "BertConfig":
-        """A named configuration with optional field overrides (see ``BERT_PRESETS``)."""
-        if name not in BERT_PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; choose one of {sorted(BERT_PRESETS)}")
-        return cls(**{**BERT_PRESETS[name], **overrides})
 
 
 BERT_PRESETS: dict[str, dict[str, Any]] = {
@@ -149,6 +116,9 @@ BERT_PRESETS: dict[str, dict[str, Any]] = {
                            activation="relu", positions="sinusoidal", type_vocab_size=0, embed_norm=False,
                            qkv_bias=False, out_bias=False, init="xavier", norm_eps=1e-5),
 }
+
+
+BertConfig.PRESET_TABLE = BERT_PRESETS
 
 
 class Bert(nnx.Module):

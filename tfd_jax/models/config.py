@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfd_jax.nn.config import DTYPES as _DTYPES
-from tfd_jax.nn.config import BlockConfig
-from tfd_jax.nn.stack import REMAT_POLICIES, remat_name
+from tfd_jax.nn.config import BlockConfig, ConfigMixin
+from tfd_jax.nn.stack import REMAT_POLICIES
 from tfd_jax.ops.feedforward import ACTIVATIONS
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ConfigMixin):
     """Everything that defines a decoder-only transformer.
 
     Sizes: ``vocab_size`` V, ``context_length`` (longest sequence), ``d_model`` M, ``num_heads`` H,
@@ -117,19 +117,6 @@ class GPTConfig:
             if not ok:
                 raise ValueError(f"invalid GPTConfig: {msg}")
 
-    @property
-    def compute_dtype(self):
-        return _DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    @property
-    def remat_policy(self) -> str:
-        """The remat setting as a name from ``REMAT_POLICIES``."""
-        return remat_name(self.remat)
-
     def block(self) -> BlockConfig:
         """What each of the L blocks is (``tfd_jax.nn.BlockConfig``)."""
         return BlockConfig(
@@ -152,24 +139,6 @@ class GPTConfig:
             if name not in changes and depends_on & set(changes) and getattr(self, name) == default:
                 changes[name] = 0
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}  # fields added later take their defaults
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
-        """A named configuration with optional field overrides (see ``PRESETS``)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
 
     def num_params(self, *, include_embeddings: bool = True) -> int:
         """Parameter count from the formula (equals the model's actual count; tested)."""
@@ -263,3 +232,5 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_layers=24, d_ff=4864, norm_eps=1e-6, rope_base=1000000.0, tie_embeddings=True,
                          qkv_bias=True),
 }
+
+GPTConfig.PRESET_TABLE = PRESETS

@@ -10,14 +10,59 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+class ConfigMixin:
+    """What every configuration dataclass of the library offers: dtypes by name, ``replace``,
+    ``to_dict`` / ``from_dict`` (the form run directories store) and named presets
+    (``PRESET_TABLE``, a class attribute set by the model module)."""
+
+    PRESET_TABLE: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def remat_policy(self) -> str:
+        """The remat setting as a name from ``tfd_jax.nn.REMAT_POLICIES``."""
+        from tfd_jax.nn.stack import remat_name
+
+        return remat_name(self.remat)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The inverse of :meth:`to_dict`; fields added in later versions take their defaults."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """A named configuration with optional field overrides (see ``PRESET_TABLE``)."""
+        if name not in cls.PRESET_TABLE:
+            raise ValueError(f"unknown preset {name!r} for {cls.__name__}; choose one of {sorted(cls.PRESET_TABLE)}")
+        return cls(**{**cls.PRESET_TABLE[name], **overrides})
+
+
 @dataclass(frozen=True)
-class BlockConfig:
+class BlockConfig(ConfigMixin):
     """One block's shape and choices.
 
     Sizes: ``d_model`` M, ``num_heads`` H query heads, ``num_kv_heads`` K key/value heads (K divides H;
@@ -58,13 +103,3 @@ class BlockConfig:
                 "each key/value head must serve the same number of query heads"
             )
 
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self):
-        return DTYPES[self.param_dtype]
-
-    def replace(self, **changes) -> "BlockConfig":
-        return dataclasses.replace(self, **changes)
