@@ -15,6 +15,8 @@ from tfd_jax.models.config import GPTConfig
 from tfd_jax.models.gpt import GPT
 
 ARCHS: dict[str, tuple[type, type]] = {"gpt": (GPTConfig, GPT), "bert": (BertConfig, Bert)}
+#: the preset a run uses when it names none
+DEFAULT_PRESET = {"gpt": "small", "bert": "tiny"}
 
 
 def _family(arch: str):
@@ -23,9 +25,14 @@ def _family(arch: str):
     return ARCHS[arch]
 
 
-def config_preset(arch: str, preset: str, **overrides: Any):
-    """``GPTConfig.preset`` or ``BertConfig.preset`` by architecture name."""
-    return _family(arch)[0].preset(preset, **overrides)
+def config_preset(arch: str, preset: str | None, **overrides: Any):
+    """``GPTConfig.preset`` or ``BertConfig.preset`` by architecture name (None: its default preset)."""
+    return _family(arch)[0].preset(preset or DEFAULT_PRESET[arch], **overrides)
+
+
+def presets(arch: str) -> list[str]:
+    """The preset names of an architecture."""
+    return sorted(_family(arch)[0].PRESET_TABLE)
 
 
 def config_from_dict(arch: str, d: dict):

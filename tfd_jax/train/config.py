@@ -121,10 +121,6 @@ def flag(name: str) -> str:
     return "--" + name.split(".")[-1].replace("_", "-")
 
 
-#: the preset a run uses when none is named
-DEFAULT_PRESET = {"gpt": "small", "bert": "tiny"}
-
-
 def _show(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
@@ -133,8 +129,7 @@ def validate(cfg: TrainConfig, task=None) -> None:
     """Range-check every setting; one ``TrainingError`` listing all that are wrong. ``task``: a task
     object that replaces ``cfg.task`` (a loss of the caller's own)."""
     from tfd_jax.data.pipeline import SAMPLINGS
-    from tfd_jax.models.bert import BERT_PRESETS
-    from tfd_jax.models.config import PRESETS
+    from tfd_jax.models import registry
     from tfd_jax.train.precision import PRECISIONS
     from tfd_jax.train.tasks import TASKS
 
@@ -164,15 +159,15 @@ def validate(cfg: TrainConfig, task=None) -> None:
     need(is_num(cfg.spike_factor) and cfg.spike_factor > 1, "spike_factor", "a number > 1", cfg.spike_factor)
     task_arch = task.arch if task is not None else (TASKS[cfg.task].arch if cfg.task in TASKS else "gpt")
     arch = cfg.arch or task_arch
-    presets = {"gpt": PRESETS, "bert": BERT_PRESETS}.get(arch)
+    presets = registry.presets(arch) if arch in registry.ARCHS else None
     if task is None and cfg.task not in TASKS:
         problems.append(f"unknown --task {cfg.task!r}; choose one of {', '.join(sorted(TASKS))}")
     elif cfg.arch is not None and cfg.arch != task_arch:
         problems.append(f"--task {cfg.task} trains --arch {task_arch}, not {cfg.arch}")
     if presets is None:
-        problems.append(f"unknown --arch {cfg.arch!r}; choose gpt or bert")
+        problems.append(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(sorted(registry.ARCHS))}")
     elif cfg.preset is not None and cfg.preset not in presets and cfg.init_from is None:
-        problems.append(f"unknown --preset {cfg.preset!r} for --arch {arch}; choose one of {', '.join(sorted(presets))}")
+        problems.append(f"unknown --preset {cfg.preset!r} for --arch {arch}; choose one of {', '.join(presets)}")
     if cfg.tokenizer not in ("spm", "bpe", "char"):
         problems.append(f"unknown --tokenizer {cfg.tokenizer!r}; choose spm, bpe or char")
     if cfg.sampling not in SAMPLINGS:

@@ -43,7 +43,7 @@ from tfd_jax.train import checkpoint as ckpt
 from tfd_jax.train import metrics as mx
 from tfd_jax.train import rundir
 from tfd_jax.train import sharding as shd
-from tfd_jax.train.config import DEFAULT_PRESET, RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
+from tfd_jax.train.config import RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
 from tfd_jax.train.optim import make_optimizer
 from tfd_jax.train.precision import compute_dtype, default_precision
 from tfd_jax.train.step import init_state, make_eval_step, make_train_step, merge_model, rng_tags, split_trainable
@@ -100,7 +100,7 @@ def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str, arch: st
     run's vocabulary, compute dtype and ``--model`` overrides, and a context at least ``seq_len`` long."""
     overrides = {"dtype": compute_dtype(precision), **cfg.model_overrides}
     if base is None:
-        base = registry.config_preset(arch, cfg.preset or DEFAULT_PRESET[arch], vocab_size=vocab_size, **overrides)
+        base = registry.config_preset(arch, cfg.preset, vocab_size=vocab_size, **overrides)
     else:
         base = base.replace(**overrides)
     if cfg.seq_len > base.context_length:
@@ -388,24 +388,37 @@ def _safe_point(checkpointer, out: Path, *, fault: bool = True) -> str:
     return f"{where}; {then}: tfd-jax train --out {out} --resume"
 
 
-def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
-    cfg, out, model_cfg, precision = run.cfg, run.out, run.model_cfg, run.precision
-    tokenizer, val_tokens = run.tokenizer, run.val_tokens
-    data_it = _train_iterator(cfg, run.train_tokens)
-    try:
-        task.setup(tokenizer, model_cfg)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
+@dataclass
+class _Model:
+    """The model as the step sees it: its structure, the sharded training state, and how to make one."""
 
-    # Build the model's structure without allocating, then initialise directly with the shardings.
-    def make_model():
+    graphdef: Any
+    rest: Any  # non-parameter state (dropout streams)
+    state: dict
+    state_sh: dict
+    param_shardings: tuple  # (trainable, fixed)
+    abstract_state: dict
+    new_state: Any  # (params, fixed) -> a fresh training state
+    optimizer: Any
+    schedule: Any
+    dropout_tags: tuple
+    num_params: int
+    num_embed: int  # token, position and segment tables
+    num_matmul: int  # parameters in matrix products (MFU): all but the lookup tables; a tied table counts once
+
+
+def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
+    """The task's model initialised directly on the devices with its shardings (or ``--init-from``'s
+    weights placed there), and a fresh training state around it."""
+    cfg, model_cfg = run.cfg, run.model_cfg
+
+    def make_model():  # structure first, without allocating; then initialised with the shardings
         return registry.build(run.arch, model_cfg, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
 
     abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params, abstract_fixed, abstract_rest = split_trainable(abstract_model, task.trainable)
+    graphdef, abstract_params, abstract_fixed, _ = split_trainable(abstract_model, task.trainable)
     p_sh = shd.param_shardings(abstract_params, mesh)
     f_sh = shd.param_shardings(abstract_fixed, mesh)
-    rep = shd.replicated(mesh)
 
     @jax.jit
     def init_params_and_rest():
@@ -420,89 +433,126 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
         params, fixed = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, params, fixed, rest, (p_sh, f_sh))
         log(f"initialised from {cfg.init_from}")
     n_params = sum(int(x.size) for x in jax.tree.leaves((params, fixed)))
-    n_embed = sum(int(x.size) for tree in (params, fixed) for path, x in nnx.to_flat_state(tree)
-                  if path[0] in ("tok_embed", "pos_embed", "type_embed"))
+    sizes = {}
+    for tree in (params, fixed):
+        for path, x in nnx.to_flat_state(tree):
+            sizes[path[0]] = sizes.get(path[0], 0) + int(x.size)
+    n_embed = sum(sizes.get(k, 0) for k in ("tok_embed", "pos_embed", "type_embed"))
+    # The token table is also the output head unless the model has a head of its own.
+    n_matmul = n_params - n_embed + (0 if "lm_head" in sizes else sizes.get("tok_embed", 0))
 
     optimizer, schedule = make_optimizer(cfg.optim, cfg.steps)
 
     def new_state(p, f):
-        return init_state(p, optimizer, cfg.seed, precision, fixed=f)
+        return init_state(p, optimizer, cfg.seed, run.precision, fixed=f)
 
     abstract_state = jax.eval_shape(new_state, params, fixed)
-    state_sh = _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh)
+    state_sh = _state_shardings(abstract_state, optimizer, p_sh, shd.replicated(mesh), f_sh)
     state = jax.jit(new_state, out_shardings=state_sh)(params, fixed)
-    del params, fixed
+    tags = rng_tags(abstract_model) if _has_dropout(model_cfg) else ()
+    return _Model(graphdef, rest, state, state_sh, (p_sh, f_sh), abstract_state, new_state, optimizer, schedule, tags,
+                  n_params, n_embed, n_matmul)
 
-    # We hold the run's lock, so unfinished saves in the directory are a killed process's leftovers.
-    checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints, cleanup_tmp=True)
-    start_step = 0
-    if cfg.resume:
-        from tfd_jax.data.pipeline import IteratorRestore
 
-        target = ckpt.abstract_with_shardings(abstract_state, state_sh)
-        fresh_its = []
+def _restore(run: _Run, m: _Model, checkpointer, log, is_main: bool):
+    """On resume: the newest intact checkpoint's state and data iterator, or (no checkpoint yet) the
+    fresh state from step 0. Returns ``(state, data iterator, start step)``."""
+    from tfd_jax.data.pipeline import IteratorRestore
 
-        def data_args():
-            fresh_its.append(_train_iterator(cfg, run.train_tokens))  # a fresh one per attempt
-            return IteratorRestore(fresh_its[-1])
+    cfg, out = run.cfg, run.out
+    state, data_it, start_step = m.state, _train_iterator(cfg, run.train_tokens), 0
+    target = ckpt.abstract_with_shardings(m.abstract_state, m.state_sh)
+    fresh_its = []
 
-        try:
-            found, restored, _ = checkpointer.restore_newest_intact(target, data_args, log=log)
-        except TrainingError:
-            checkpointer.close()
-            raise
-        changed = _describe_changes(run.changes)
-        if found is None:
-            log(f"{out} has no checkpoint yet: starting from step 0 with the run's settings"
-                + (f"; changed: {changed}" if changed else ""))
-            if cfg.init_from:  # step 0 of this run is --init-from's weights, not random ones
-                from tfd_jax.train.init import load_weights
+    def data_args():
+        fresh_its.append(_train_iterator(cfg, run.train_tokens))  # a fresh one per attempt
+        return IteratorRestore(fresh_its[-1])
 
-                p, f = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, state["params"],
-                                    state.get("fixed", nnx.State({})), rest, (p_sh, f_sh))
-                state = jax.jit(new_state, out_shardings=state_sh)(p, f)
-                log(f"initialised from {cfg.init_from}")
-        else:
-            state, data_it = restored, fresh_its[-1]
-            start_step = int(jax.device_get(state["step"]))
-            log(f"resumed from step {start_step} ({out / ckpt.CHECKPOINT_DIR})" + (f"; changed: {changed}" if changed else ""))
-        if "steps" in run.changes and cfg.optim.decay_steps is None:
-            log(f"the learning-rate schedule now runs over {cfg.steps} steps")
-        if is_main:
-            _record_resume(run, start_step)
-    if start_step >= cfg.steps:
-        log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
+    try:
+        found, restored, _ = checkpointer.restore_newest_intact(target, data_args, log=log)
+    except TrainingError:
+        checkpointer.close()
+        raise
+    changed = _describe_changes(run.changes)
+    if found is None:
+        log(f"{out} has no checkpoint yet: starting from step 0 with the run's settings"
+            + (f"; changed: {changed}" if changed else ""))
+        if cfg.init_from:  # step 0 of this run is --init-from's weights, not random ones
+            from tfd_jax.train.init import load_weights
 
+            p, f = load_weights(cfg.init_from, run.arch, run.model_cfg, m.graphdef, state["params"],
+                                state.get("fixed", nnx.State({})), m.rest, m.param_shardings)
+            state = jax.jit(m.new_state, out_shardings=m.state_sh)(p, f)
+            log(f"initialised from {cfg.init_from}")
+    else:
+        state, data_it = restored, fresh_its[-1]
+        start_step = int(jax.device_get(state["step"]))
+        log(f"resumed from step {start_step} ({out / ckpt.CHECKPOINT_DIR})" + (f"; changed: {changed}" if changed else ""))
+    if "steps" in run.changes and cfg.optim.decay_steps is None:
+        log(f"the learning-rate schedule now runs over {cfg.steps} steps")
+    if is_main:
+        _record_resume(run, start_step)
+    return state, data_it, start_step
+
+
+#: what every step reports; anything else in a step's metrics is the task's own
+_STEP_METRICS = {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_finite", "overflow", "tokens"}
+
+
+def _compile(run: _Run, task: Task, m: _Model, mesh):
+    """The jitted, sharded train step (state donated) and eval step for the task: ``(step_fn, eval_fn)``."""
+    cfg, rep = run.cfg, shd.replicated(mesh)
     train_step = make_train_step(
-        graphdef,
-        rest,
-        optimizer,
-        schedule,
+        m.graphdef,
+        m.rest,
+        m.optimizer,
+        m.schedule,
         task.loss_fn,
         prepare=task.prepare,
         grad_accum=cfg.grad_accum,
-        dropout_tags=rng_tags(abstract_model) if _has_dropout(model_cfg) else (),
-        fp16=precision == "fp16",
+        dropout_tags=m.dropout_tags,
+        fp16=run.precision == "fp16",
     )
-
     step_fn = jax.jit(
         train_step,
-        in_shardings=(state_sh, shd.batch_sharding(mesh), rep),
-        out_shardings=(state_sh, rep),
+        in_shardings=(m.state_sh, shd.batch_sharding(mesh), rep),
+        out_shardings=(m.state_sh, rep),
         donate_argnums=0,
     )
-    task_metrics = sorted(set(jax.eval_shape(train_step, abstract_state, _abstract_batch(cfg))[1])
-                          - {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_finite", "overflow", "tokens"})
-    eval_fn = jax.jit(make_eval_step(graphdef, rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
-                      in_shardings=(state_sh["params"], state_sh.get("fixed", rep), shd.batch_sharding(mesh)))
+    eval_fn = jax.jit(make_eval_step(m.graphdef, m.rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
+                      in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh)))
+    return step_fn, eval_fn
 
-    matmul = mx.matmul_params(model_cfg) if run.arch == "gpt" else n_params - n_embed + model_cfg.vocab_size * model_cfg.d_model
+
+def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
+    cfg, out, model_cfg, precision = run.cfg, run.out, run.model_cfg, run.precision
+    tokenizer, val_tokens = run.tokenizer, run.val_tokens
+    try:
+        task.setup(tokenizer, model_cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    m = _build_model(run, task, mesh, log)
+    graphdef, rest, n_params, n_embed = m.graphdef, m.rest, m.num_params, m.num_embed
+    rep = shd.replicated(mesh)
+
+    # We hold the run's lock, so unfinished saves in the directory are a killed process's leftovers.
+    checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints, cleanup_tmp=True)
+    if cfg.resume:
+        state, data_it, start_step = _restore(run, m, checkpointer, log, is_main)
+    else:
+        state, data_it, start_step = m.state, _train_iterator(cfg, run.train_tokens), 0
+    m.state = None  # the loop owns the state now (it is donated step by step)
+    if start_step >= cfg.steps:
+        log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
+    step_fn, eval_fn = _compile(run, task, m, mesh)
+
+    matmul = m.num_matmul
     fpt = mx.flops_per_token(matmul, model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
     peak = mx.peak_flops_per_device()
     metrics_log = mx.MetricsLog(out, resume_step=start_step if cfg.resume else None, warn=log)
     trains = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     log(
-        f"{task.name} task, {run.arch} model {cfg.init_from or cfg.preset or DEFAULT_PRESET[run.arch]}: {n_params:,} parameters"
+        f"{task.name} task, {run.arch} model {cfg.init_from or cfg.preset or registry.DEFAULT_PRESET[run.arch]}: {n_params:,} parameters"
         + (f" ({trains:,} trained)" if trains != n_params else "") + f" ({n_params - n_embed:,} without embeddings), "
         f"{model_cfg.num_layers} layers, d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size}; "
         f"precision {precision}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)"
@@ -592,7 +642,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                 "mfu": mx.mfu(tps, fpt, jax.device_count(), peak) if tps else None,
                 "nonfinite_steps": int(state_counts["nonfinite"]),
             }
-            for name in task_metrics:  # the task's own, e.g. mlm_loss, masked_accuracy
+            for name in sorted(set(last) - _STEP_METRICS):  # the task's own, e.g. mlm_loss, masked_accuracy
                 record[name] = float(last[name]) if bool(last["finite"]) else None
             if precision == "fp16":
                 scale = float(state_counts["loss_scale"])
@@ -696,13 +746,6 @@ def threading_main() -> bool:
 
 def _has_dropout(model_cfg) -> bool:
     return bool(getattr(model_cfg, "dropout", 0.0) or getattr(model_cfg, "embed_dropout", 0.0))
-
-
-def _abstract_batch(cfg: TrainConfig) -> dict:
-    """The shapes of one training batch (see ``tfd_jax.data.pipeline``)."""
-    shape = (cfg.batch_size, cfg.seq_len)
-    return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32), "targets": jax.ShapeDtypeStruct(shape, jnp.int32),
-            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_)}
 
 
 def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
