@@ -65,9 +65,15 @@ def test_mlm_task_never_chooses_special_tokens_or_padding_and_labels_only_chosen
     inputs = np.asarray(batch["tokens"])
     assert (inputs[~chosen] == targets[~chosen]).all()
     # the loss counts chosen positions only: a model's loss ignores the logits everywhere else
-    model = Bert(BertConfig.preset("tiny", vocab_size=tok.vocab_size, dropout=0.0), rngs=nnx.Rngs(0))
-    s, c, extra = task.loss_fn(model, batch, None)
-    logits = np.asarray(model.mlm_logits(batch["tokens"], padding_mask=batch["padding_mask"]), np.float64)
+    model = Bert(BertConfig.preset("tiny", vocab_size=tok.vocab_size, dropout=0.0, d_model=16, num_heads=2,
+                                   num_layers=1, d_ff=32), rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def run(model, batch):
+        return task.loss_fn(model, batch, None), model.mlm_logits(batch["tokens"], padding_mask=batch["padding_mask"])
+
+    (s, c, extra), logits = run(model, batch)
+    logits = np.asarray(logits, np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     want = -np.take_along_axis(logp, targets[..., None], -1)[..., 0][chosen].sum()
     assert float(c) == chosen.sum()
