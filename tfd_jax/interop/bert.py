@@ -337,18 +337,10 @@ def load_hf_bert(
         embeddings, or a ``num_labels`` that disagrees with the checkpoint's classifier.
       OSError / ImportError: a Hub name that cannot be fetched, or a missing optional package.
     """
-    bad = set(overrides) - _LOAD_OVERRIDES
-    if bad:
-        raise TypeError(
-            f"load_hf_bert got unexpected option(s) {sorted(bad)}; the checkpoint fixes the model's shape, "
-            f"only {sorted(_LOAD_OVERRIDES) + ['num_labels']} may be set"
-        )
+    scan_layers = weightmap.load_options("load_hf_bert", overrides, _LOAD_OVERRIDES, also=["num_labels"])
     ckpt = files.open_checkpoint(
         source, revision=revision, family="BERT", hub_example="bert-base-uncased", writer="save_hf_bert"
     )
-    scan_layers = overrides.pop("scan_layers", False)  # filled block by block, stacked at the end
-    if not isinstance(scan_layers, bool):
-        raise ValueError(f"scan_layers must be True or False, got {scan_layers!r}")
     short, stored = files.strip_prefix(ckpt.loaders, _PREFIX, ckpt.origin, rename=_modern_name)
 
     def name(key: str) -> str:

@@ -270,16 +270,8 @@ def load_hf_gpt2(
         (named by its key), or an ``lm_head.weight`` that differs from ``wte.weight``.
       OSError / ImportError: a Hub name that cannot be fetched, or a missing optional package.
     """
-    bad = set(overrides) - _LOAD_OVERRIDES
-    if bad:
-        raise TypeError(
-            f"load_hf_gpt2 got unexpected option(s) {sorted(bad)}; the checkpoint fixes the model's shape, "
-            f"only {sorted(_LOAD_OVERRIDES)} may be set"
-        )
+    scan_layers = weightmap.load_options("load_hf_gpt2", overrides, _LOAD_OVERRIDES)
     ckpt = files.open_checkpoint(source, revision=revision, family="GPT-2", hub_example="gpt2", writer="save_hf_gpt2")
-    scan_layers = overrides.pop("scan_layers", False)  # filled block by block, stacked at the end
-    if not isinstance(scan_layers, bool):
-        raise ValueError(f"scan_layers must be True or False, got {scan_layers!r}")
     cfg = gpt2_config_from_hf(ckpt.config, param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
 
     short, stored = files.strip_prefix(ckpt.loaders, _PREFIX, ckpt.origin)

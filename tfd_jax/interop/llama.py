@@ -350,18 +350,10 @@ def load_hf_llama(
         ``embed_tokens.weight``.
       OSError / ImportError: a Hub name that cannot be fetched, or a missing optional package.
     """
-    bad = set(overrides) - _LOAD_OVERRIDES
-    if bad:
-        raise TypeError(
-            f"load_hf_llama got unexpected option(s) {sorted(bad)}; the checkpoint fixes the model's shape, "
-            f"only {sorted(_LOAD_OVERRIDES)} may be set"
-        )
+    scan_layers = weightmap.load_options("load_hf_llama", overrides, _LOAD_OVERRIDES)
     ckpt = files.open_checkpoint(
         source, revision=revision, family="Llama or Qwen2", hub_example="Qwen/Qwen2-0.5B", writer="save_hf_llama"
     )
-    scan_layers = overrides.pop("scan_layers", False)  # filled block by block, stacked at the end
-    if not isinstance(scan_layers, bool):
-        raise ValueError(f"scan_layers must be True or False, got {scan_layers!r}")
     cfg = llama_config_from_hf(ckpt.config, param_dtype=dtype, dtype=compute_dtype or dtype, **overrides)
 
     short, stored = files.strip_prefix(ckpt.loaders, _PREFIX, ckpt.origin)

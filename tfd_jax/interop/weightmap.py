@@ -43,6 +43,7 @@ __all__ = [
     "check_tied",
     "entry",
     "load",
+    "load_options",
     "reshape",
     "save",
     "split",
@@ -376,3 +377,21 @@ def check_tied(
         else f"max abs difference {float(np.max(np.abs(copy.astype(np.float32) - original.astype(np.float32)))):.3g}"
     )
     raise ValueError(f"{origin}: {name(copy_key)} differs from {name(key)} ({detail}). {why}")
+
+
+def load_options(loader: str, overrides: dict, allowed, also: Sequence[str] = ()) -> bool:
+    """Check the keyword overrides a family's ``load_hf_*`` was given, and take ``scan_layers`` out
+    of them (the model is filled block by block and stacked at the end). Returns ``scan_layers``.
+
+    Raises ``TypeError`` naming the options the checkpoint fixes, ``ValueError`` for a non-bool
+    ``scan_layers``."""
+    bad = set(overrides) - set(allowed)
+    if bad:
+        raise TypeError(
+            f"{loader} got unexpected option(s) {sorted(bad)}; the checkpoint fixes the model's shape, "
+            f"only {sorted(allowed) + list(also)} may be set"
+        )
+    scan_layers = overrides.pop("scan_layers", False)
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"scan_layers must be True or False, got {scan_layers!r}")
+    return scan_layers
