@@ -173,15 +173,18 @@ class _Knobs(NamedTuple):
     top_p: jax.Array  # float32 scalar
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "tokens_out"))
-def _prefill(graphdef, state, prompts, prompt_lengths, cache, tokens_out, rng):
-    """Feed the prompts ``[B, P]`` (right-padded; real lengths ``[B]``) and return the loop's first state.
+@partial(jax.jit, static_argnames=("graphdef", "cache_length"), donate_argnames=("tokens_out",))
+def _prefill(graphdef, state, prompts, prompt_lengths, tokens_out, rng, context, *, cache_length):
+    """Make the cache, feed the prompts ``[B, P]`` (right-padded; real lengths ``[B]``) and return
+    the loop's first state.
 
-    Sampling is left to the loop, so this program depends only on the shapes, never on the
-    sampling settings.
+    The cache is allocated here, by the model (``model.init_cache(B, S_max, **context)``): an
+    encoder-decoder encodes its source at this point, once. Sampling is left to the loop, so this
+    program depends only on the shapes, never on the sampling settings.
     """
     TRACE_COUNTS["prefill"] += 1
     model = _eval_model(graphdef, state)
+    cache = model.init_cache(prompts.shape[0], cache_length, **context)
     h, cache = model.forward_cached(prompts, cache, prompt_lengths)
     last_h = jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)  # [B, 1, M]
     B = prompts.shape[0]
@@ -234,7 +237,8 @@ class GenerationPlan:
     """Checked inputs and the shapes they compile to (see :func:`plan_generation`).
 
     prompts: int32 ``[B, P]``, right-padded with 0; lengths: int32 ``[B]``; cache_length: ``S_max``;
-    out_length: ``N``, the output buffer; spec: the static sampling settings; knobs: the traced ones.
+    out_length: ``N``, the output buffer; spec: the static sampling settings; knobs: the traced ones;
+    context: what ``model.init_cache`` takes besides the sizes (an encoder-decoder's padded source).
     """
 
     prompts: np.ndarray
@@ -243,6 +247,7 @@ class GenerationPlan:
     out_length: int
     spec: SamplingSpec
     knobs: _Knobs
+    context: dict = dataclasses.field(default_factory=dict)
 
 
 def _as_rows(prompts) -> list[np.ndarray]:
@@ -276,16 +281,31 @@ def plan_generation(
     top_p: float | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    source=None,
 ) -> GenerationPlan:
     """Check every input and fix the shapes (buckets) before anything is traced or compiled.
 
     Raises ``ValueError`` with a readable message for: no prompts or an empty prompt, ids outside the
     vocabulary, ``max_new_tokens < 1``, a prompt plus ``max_new_tokens`` longer than the context, a
     negative temperature, ``top_k < 1``, ``top_p`` outside (0, 1], and an EOS/pad id outside the
-    vocabulary.
+    vocabulary; for an encoder-decoder also a missing, empty or too long source, or one per prompt
+    missing.
     """
     ops.check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, allow_greedy=True)
+    context = {}
+    if hasattr(config, "decoder_start_id"):  # an encoder-decoder: the source is what it decodes from
+        if source is None:
+            raise ValueError("an encoder-decoder model decodes from a source: pass source=[token ids, ...]")
+        context, n = _source_context(config, source)
+        if prompts is None:
+            prompts = [[config.decoder_start_id]] * n
+    elif source is not None:
+        raise ValueError("source= is for encoder-decoder models; a decoder-only model continues its prompts")
+    if prompts is None:
+        raise ValueError("no prompts given")
     rows = _as_rows(prompts)
+    if context and len(rows) != context["source"].shape[0]:
+        raise ValueError(f"{len(rows)} decoder prompts for {context['source'].shape[0]} sources; give one per source")
     V, C = config.vocab_size, config.context_length
     if not rows:
         raise ValueError("no prompts given")
@@ -328,16 +348,38 @@ def plan_generation(
         temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),
         top_p=jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
     )
-    return GenerationPlan(padded, np.array([len(r) for r in rows], np.int32), S, N, spec, knobs)
+    return GenerationPlan(padded, np.array([len(r) for r in rows], np.int32), S, N, spec, knobs, context)
+
+
+def _source_context(config, source) -> tuple[dict, int]:
+    """An encoder-decoder's sources, right-padded to a bucketed length: ``{"source": int32 [B, S],
+    "source_mask": bool [B, S]}`` and ``B``."""
+    rows = _as_rows(source)
+    if not rows:
+        raise ValueError("no sources given")
+    V, C = config.vocab_size, config.context_length
+    for i, r in enumerate(rows):
+        if r.size == 0:
+            raise ValueError(f"source {i} is empty")
+        if r.min() < 0 or r.max() >= V:
+            raise ValueError(f"source {i} has token ids outside [0, {V}): min {r.min()}, max {r.max()}")
+        if r.size > C:
+            raise ValueError(f"source {i} has {r.size} tokens, more than the model's context length {C}; truncate it")
+    S = bucket_length(max(r.size for r in rows), maximum=C)
+    padded = np.full((len(rows), S), config.pad_id, np.int32)
+    valid = np.zeros((len(rows), S), bool)
+    for i, r in enumerate(rows):
+        padded[i, : r.size], valid[i, : r.size] = r, True
+    return {"source": jnp.asarray(padded), "source_mask": jnp.asarray(valid)}, len(rows)
 
 
 def _start(model, plan: GenerationPlan, key: jax.Array):
-    """Split the model, allocate the cache and output buffer, and run the prefill (no token yet)."""
+    """Split the model, allocate the output buffer, and run the prefill (no token yet)."""
     graphdef, state = nnx.split(model)
     B = plan.prompts.shape[0]
-    cache = model.init_cache(B, plan.cache_length)
     tokens_out = jnp.full((B, plan.out_length), plan.knobs.pad_id, jnp.int32)
-    dstate = _prefill(graphdef, state, jnp.asarray(plan.prompts), jnp.asarray(plan.lengths), cache, tokens_out, key)
+    dstate = _prefill(graphdef, state, jnp.asarray(plan.prompts), jnp.asarray(plan.lengths), tokens_out, key,
+                      plan.context, cache_length=plan.cache_length)
     return graphdef, state, dstate
 
 
@@ -371,6 +413,7 @@ def generate_stream(
     eos_id: int | None = None,
     pad_id: int | None = None,
     chunk_size: int = 16,
+    source=None,
 ) -> Iterator[Chunk]:
     """Like :func:`generate`, but yields the new tokens as they are produced (for the CLI).
 
@@ -382,7 +425,7 @@ def generate_stream(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+                           top_p=top_p, eos_id=eos_id, pad_id=pad_id, source=source)
     graphdef, state, dstate = _start(model, plan, jax.random.key(seed))
     emitted = 0
     while True:
@@ -409,12 +452,14 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    source=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continue each prompt by up to ``max_new_tokens`` tokens (Chapter 13's loop, with a KV cache).
 
     Args:
-      model: a causal model (``GPT``); it is not modified (dropout is off inside).
-      prompts: a list of token-id lists (lengths may differ) or an int array ``[B, T]``.
+      model: a causal model (``GPT``) or an encoder-decoder; it is not modified (dropout is off inside).
+      prompts: a list of token-id lists (lengths may differ) or an int array ``[B, T]``. For an
+        encoder-decoder these start the target (None: each row starts from ``decoder_start_id``).
       max_new_tokens: how many tokens to produce per row at most; ``longest prompt + max_new_tokens``
         must fit the context length.
       temperature: 0 is greedy (argmax, and ``top_k``/``top_p`` have no effect); > 0 samples from
@@ -424,12 +469,14 @@ def generate(
       seed: PRNG seed; the same seed and inputs give the same tokens.
       eos_id: a row stops after producing this token (it is included in the output); None never stops.
       pad_id: fills the output after a row stops; defaults to ``eos_id``, or 0.
+      source: an encoder-decoder's inputs, one token-id list per row (lengths may differ); it is
+        encoded once, and each layer's cross-attention keys/values with it (Chapter 19, Part 5).
     Returns:
       ``(tokens, lengths)``: int32 numpy ``[B, max_new_tokens]`` and ``[B]``, where row ``b``'s new tokens
       are ``tokens[b, :lengths[b]]``.
     """
     out = rollout(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  key=jax.random.key(seed), eos_id=eos_id, pad_id=pad_id)
+                  key=jax.random.key(seed), eos_id=eos_id, pad_id=pad_id, source=source)
     tokens, lengths = jax.device_get((out.tokens, out.lengths))
     return np.asarray(tokens[:, :max_new_tokens], np.int32), np.asarray(lengths, np.int32)
 
@@ -460,6 +507,7 @@ def rollout(
     top_p: float | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    source=None,
 ) -> Rollout:
     """Sample responses and keep everything on the device: tokens, their log-probabilities and the
     response mask (what policy-gradient training, Chapter 18, needs from a generation).
@@ -469,7 +517,7 @@ def rollout(
     samples from the policy). Nothing is copied to the host.
     """
     plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+                           top_p=top_p, eos_id=eos_id, pad_id=pad_id, source=source)
     graphdef, state, dstate = _start(model, plan, key)
     dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec)
     mask = jnp.arange(dstate.tokens.shape[1])[None, :] < dstate.num_new[:, None]

@@ -1,9 +1,10 @@
 """NNX layers: parameters plus a call of the matching pure function in ``tfd_jax.ops``; blocks and the layer stack."""
-from tfd_jax.nn.cache import KVCache, allocate_cache
+from tfd_jax.nn.cache import EncoderDecoderCache, KVCache, allocate_cache
 from tfd_jax.nn.config import BlockConfig
 from tfd_jax.nn.layers import Dropout, Embed, LayerNorm, Linear, RMSNorm, init_pair, normal_init, xavier_init
 from tfd_jax.nn.stack import REMAT_POLICIES, make_blocks, run_blocks, stack_blocks, unstack_blocks, with_layout
-from tfd_jax.nn.transformer import Block, FeedForward, MultiHeadAttention, make_attention, make_norm, residual
+from tfd_jax.nn.transformer import Block, FeedForward, MultiHeadAttention, make_attention, make_norm
+from tfd_jax.nn.transformer import record_attention_weights, residual
 
 __all__ = [
     "REMAT_POLICIES",
@@ -11,6 +12,7 @@ __all__ = [
     "BlockConfig",
     "Dropout",
     "Embed",
+    "EncoderDecoderCache",
     "FeedForward",
     "KVCache",
     "LayerNorm",
@@ -23,6 +25,7 @@ __all__ = [
     "make_blocks",
     "make_norm",
     "normal_init",
+    "record_attention_weights",
     "residual",
     "run_blocks",
     "stack_blocks",

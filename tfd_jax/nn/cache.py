@@ -49,6 +49,46 @@ class KVCache:
         return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*self.k, *self.v))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EncoderDecoderCache:
+    """What an encoder-decoder's decoder needs at each step (Chapter 19, Part 5): its own growing
+    self-attention cache, and every layer's cross-attention keys and values, computed once from the
+    encoder's output when the cache is made and only read afterwards.
+
+    Attributes:
+      self_attn: the decoder's :class:`KVCache`.
+      cross_k, cross_v: tuples with one ``[B, S_src, K, D]`` array per decoder layer.
+      source_valid: bool ``[B, S_src]``, False on source padding (no query attends there).
+
+    ``lengths``, ``max_length`` and ``batch_size`` are those of ``self_attn``, so a decode loop
+    treats both kinds of cache alike.
+    """
+
+    self_attn: KVCache
+    cross_k: tuple[jax.Array, ...]
+    cross_v: tuple[jax.Array, ...]
+    source_valid: jax.Array
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.self_attn.lengths
+
+    @property
+    def batch_size(self) -> int:
+        return self.self_attn.batch_size
+
+    @property
+    def max_length(self) -> int:
+        return self.self_attn.max_length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the self-attention buffers plus the cross-attention keys and values."""
+        cross = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*self.cross_k, *self.cross_v))
+        return self.self_attn.nbytes + cross
+
+
 def allocate_cache(num_layers: int, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int,
                    dtype) -> KVCache:
     """Zeros ``[B, K, S_max, D]`` for each layer's K and V, lengths 0."""

@@ -92,16 +92,19 @@ def _scan_blocks(blocks, run, x: jax.Array, saveable, collect: bool):
 
 
 def cached_blocks(blocks, x: jax.Array, cache: KVCache, num_valid: jax.Array, *, positions: jax.Array,
-                  mask: jax.Array) -> tuple[jax.Array, KVCache]:
+                  mask: jax.Array, per_layer: dict | None = None, **shared) -> tuple[jax.Array, KVCache]:
     """Run new tokens ``x [B, T, M]`` through unstacked blocks over a KV cache (Chapter 13).
 
     Each block writes its new keys/values at ``cache.lengths`` and attends over its whole cache row
     under ``mask``; the returned cache's lengths advance by ``num_valid [B]`` (how many of the ``T``
-    tokens of each row are real).
+    tokens of each row are real). ``per_layer``: further arguments of ``block.cached``, one value
+    per layer (an encoder-decoder's ``cross_kv``); ``shared``: further arguments for every block.
     """
     new_k, new_v = [], []
     for i, block in enumerate(blocks):
-        x, k, v = block.cached(x, cache.k[i], cache.v[i], positions=positions, start=cache.lengths, mask=mask)
+        extra = {name: values[i] for name, values in (per_layer or {}).items()}
+        x, k, v = block.cached(x, cache.k[i], cache.v[i], positions=positions, start=cache.lengths, mask=mask,
+                               **shared, **extra)
         new_k.append(k)
         new_v.append(v)
     return x, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + num_valid.astype(jnp.int32))
@@ -127,10 +130,11 @@ def unstack_blocks(stacked: nnx.Module, num_layers: int) -> list:
 
 def with_layout(model, *, scan_layers: bool):
     """The same model (same weights, dropout streams and mode) with its blocks stored stacked for
-    ``scan_layers=True`` or one by one for ``False``. Works for any model with ``model.blocks`` and a
-    ``model.config`` with ``scan_layers`` and ``num_layers``. Returns ``model`` itself when it already
-    has that layout; otherwise a new model with variables of its own (the arrays outside the blocks
-    are shared, which is safe: JAX arrays are immutable).
+    ``scan_layers=True`` or one by one for ``False``. Works for any model with ``model.blocks`` (or
+    sub-modules with ``blocks``, as an encoder-decoder's two stacks) and a ``model.config`` with
+    ``scan_layers``. Returns ``model`` itself when it already has that layout; otherwise a new model
+    with variables of its own (the arrays outside the blocks are shared, which is safe: JAX arrays
+    are immutable).
 
     Use it to load a checkpoint trained with one layout into code that wants the other, or to decode
     from a scanned model without slicing its stacked parameters at every step.
@@ -140,8 +144,13 @@ def with_layout(model, *, scan_layers: bool):
     graphdef, state = nnx.split(model)
     new = nnx.merge(graphdef, state, copy=True)  # new variables: the two models never write to each other
     new.config = model.config.replace(scan_layers=scan_layers)
-    if scan_layers:
-        new.blocks = stack_blocks(model.blocks)
-    else:
-        new.blocks = nnx.List(unstack_blocks(model.blocks, model.config.num_layers))
+    owners = [new] if hasattr(new, "blocks") else [m for m in vars(new).values()
+                                                   if isinstance(m, nnx.Module) and hasattr(m, "blocks")]
+    for owner in owners:
+        owner.config = new.config
+        if scan_layers:
+            owner.blocks = stack_blocks(owner.blocks)
+        else:
+            num_layers = jax.tree.leaves(nnx.state(owner.blocks, nnx.Param))[0].shape[0]
+            owner.blocks = nnx.List(unstack_blocks(owner.blocks, num_layers))
     return new

@@ -68,6 +68,7 @@ class MultiHeadAttention(nnx.Module):
         self.rope_base = rope_base
         self.scale = scale
         self.impl = impl
+        self.record_weights = False  # True: attend() also keeps its weights, see record_attention_weights
 
     def query(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """Q: ``x [B, T, M]`` -> ``[B, T, H, D]`` (rotated by ``positions [B, T]`` with RoPE)."""
@@ -87,7 +88,16 @@ class MultiHeadAttention(nnx.Module):
         return ops.apply_rope(x, positions, self.rope_base)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, is_causal=False, bias=None) -> jax.Array:
-        """``ops.attention`` then W_O: q ``[B, T, H, D]``, k/v ``[B, S, K, D]`` -> ``[B, T, M]``."""
+        """``ops.attention`` then W_O: q ``[B, T, H, D]``, k/v ``[B, S, K, D]`` -> ``[B, T, M]``.
+
+        With ``record_weights`` set, the float32 weights ``[B, H, T, S]`` are also kept as an
+        ``nnx.Intermediate`` named ``weights`` (read them with ``nnx.pop(model, nnx.Intermediate)``).
+        """
+        if self.record_weights:
+            self.sow(nnx.Intermediate, "weights",
+                     ops.attention_weights(q, k, ops.combine_masks(mask, ops.causal_mask(q.shape[1], k.shape[1])
+                                                                   if is_causal else None),
+                                           scale=self.scale, bias=bias))
         heads = ops.attention(q, k, v, mask=mask, is_causal=is_causal, scale=self.scale, bias=bias, impl=self.impl)
         return self.o(ops.merge_heads(heads))
 
@@ -110,13 +120,15 @@ class MultiHeadAttention(nnx.Module):
         return self.attend(q, k, v, mask=mask, is_causal=is_causal, bias=bias)
 
     def cached(
-        self, x: jax.Array, keys: jax.Array, values: jax.Array, *, positions: jax.Array, start: jax.Array, mask: jax.Array
+        self, x: jax.Array, keys: jax.Array, values: jax.Array, *, positions: jax.Array, start: jax.Array, mask: jax.Array,
+        bias: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Self-attention of new tokens over a KV cache (Chapter 13).
 
         The new tokens' K/V (``x [B, T, M]`` at ``positions [B, T]``) are written into the cache
         buffers ``[B, K, S_max, D]`` at each row's ``start [B]``, then the queries attend to the
-        whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions).
+        whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions), with ``bias``
+        (float, broadcastable to ``[B, H, T, S_max]``) added to the scores.
 
         Returns:
           the output ``[B, T, M]`` and the two updated buffers.
@@ -130,7 +142,7 @@ class MultiHeadAttention(nnx.Module):
         if jax.default_backend() == "cpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             qa, ka, va = (a.astype(jnp.float32) for a in (qa, ka, va))
         impl = "xla" if self.impl == "splash" else self.impl  # splash is a training kernel (whole blocks)
-        heads = ops.attention(qa, ka, va, mask=mask, scale=self.scale, impl=impl).astype(q.dtype)
+        heads = ops.attention(qa, ka, va, mask=mask, scale=self.scale, bias=bias, impl=impl).astype(q.dtype)
         return self.o(ops.merge_heads(heads)), keys, values
 
 
@@ -231,11 +243,24 @@ class Block(nnx.Module):
 
     ``cfg.norm_position="post"`` is the course's (and BERT's) block, ``LN(x + Dropout(Sublayer(x)))``;
     ``"pre"`` is GPT-2's and Llama's, ``x + Dropout(Sublayer(LN(x)))`` (see :func:`residual`).
+
+    ``cross_attention=True`` makes it an encoder-decoder's decoder block (Chapter 19, Part 5): between
+    the two, a cross-attention sublayer whose queries come from the block's input and whose keys and
+    values come from the encoder's output (``cross_kv``, from :meth:`cross_key_value`: computed once
+    per source, not once per decoding step), with no causal mask.
     """
 
-    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs, cross_attention: bool = False):
         init, out_init = init_pair(cfg.init, cfg.num_layers)
         self.attn = make_attention(cfg, rngs=rngs)
+        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
+        self.drop1 = Dropout(cfg.dropout, rngs=rngs)
+        if cross_attention:
+            self.cross_attn = make_attention(cfg, rngs=rngs, rope=False)
+            self.ln_cross = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
+            self.drop_cross = Dropout(cfg.dropout, rngs=rngs)
+        else:
+            self.cross_attn = self.ln_cross = self.drop_cross = None
         self.ffn = FeedForward(
             cfg.d_model,
             cfg.d_ff,
@@ -248,11 +273,28 @@ class Block(nnx.Module):
             param_dtype=cfg.params_dtype,
             rngs=rngs,
         )
-        self.ln1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
         self.ln2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias, cfg.params_dtype)
-        self.drop1 = Dropout(cfg.dropout, rngs=rngs)
         self.drop2 = Dropout(cfg.dropout, rngs=rngs)
         self.pre_norm = cfg.norm_position == "pre"
+
+    def cross_key_value(self, memory: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """This block's cross-attention keys and values from the encoder output ``memory [B, S, M]``:
+        each ``[B, S, K, D]``."""
+        return self.cross_attn.key_value(memory)
+
+    def _cross(self, x, cross_kv, cross_mask):
+        """The cross-attention sublayer (identity for a block without one)."""
+        if self.cross_attn is None:
+            if cross_kv is not None:
+                raise ValueError("cross_kv given to a block built without cross_attention")
+            return x
+        if cross_kv is None:
+            raise ValueError("a decoder block needs cross_kv (from cross_key_value of the encoder output)")
+
+        def cross(h):
+            return self.cross_attn.attend(self.cross_attn.query(h), *cross_kv, mask=cross_mask)
+
+        return residual(x, cross, self.ln_cross, self.drop_cross, self.pre_norm)
 
     def __call__(
         self,
@@ -262,22 +304,51 @@ class Block(nnx.Module):
         is_causal: bool = False,
         positions: jax.Array | None = None,
         bias: jax.Array | None = None,
+        cross_kv: tuple[jax.Array, jax.Array] | None = None,
+        cross_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """x: ``[B, T, M]`` -> ``[B, T, M]``."""
+        """x: ``[B, T, M]`` -> ``[B, T, M]``. ``mask``, ``is_causal``, ``bias``: the self-attention's;
+        ``cross_kv`` (``[B, S, K, D]`` each) and ``cross_mask`` (bool, broadcastable to
+        ``[B, H, T, S]``): the cross-attention's."""
 
         def attn(h):
             return self.attn(h, mask=mask, is_causal=is_causal, positions=positions, bias=bias)
 
         x = residual(x, attn, self.ln1, self.drop1, self.pre_norm)
+        x = self._cross(x, cross_kv, cross_mask)
         return residual(x, self.ffn, self.ln2, self.drop2, self.pre_norm)
 
-    def cached(self, x, keys, values, *, positions, start, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The block over a KV cache (see :meth:`MultiHeadAttention.cached`): ``(x, keys, values)``."""
+    def cached(self, x, keys, values, *, positions, start, mask, bias=None, cross_kv=None,
+               cross_mask=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block over a KV cache (see :meth:`MultiHeadAttention.cached`): ``(x, keys, values)``.
+        An encoder-decoder's block reads its precomputed ``cross_kv`` (nothing is recomputed)."""
         new = {}
 
         def attn(h):
-            out, new["k"], new["v"] = self.attn.cached(h, keys, values, positions=positions, start=start, mask=mask)
+            out, new["k"], new["v"] = self.attn.cached(h, keys, values, positions=positions, start=start, mask=mask,
+                                                       bias=bias)
             return out
 
         x = residual(x, attn, self.ln1, self.drop1, self.pre_norm)
+        x = self._cross(x, cross_kv, cross_mask)
         return residual(x, self.ffn, self.ln2, self.drop2, self.pre_norm), new["k"], new["v"]
+
+
+def record_attention_weights(model: nnx.Module, fn, *, which: str = "attn") -> tuple[object, list[jax.Array]]:
+    """Run ``fn()`` while every attention layer named ``which`` (``"attn"``: self-attention,
+    ``"cross_attn"``: an encoder-decoder's cross-attention) records its weights (for pictures).
+
+    Returns ``(fn(), weights)``: one float32 ``[B, H, T, S]`` per layer, in layer order. The model
+    must hold its blocks one by one (``with_layout(model, scan_layers=False)``).
+    """
+    layers = [m for path, m in nnx.iter_graph(model)
+              if isinstance(m, MultiHeadAttention) and path and path[-1] == which]
+    for m in layers:
+        m.record_weights = True
+    try:
+        out = fn()
+        weights = [jax.tree.leaves(nnx.pop(m, nnx.Intermediate))[0] for m in layers]
+    finally:
+        for m in layers:
+            m.record_weights = False
+    return out, weights

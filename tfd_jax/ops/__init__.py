@@ -21,7 +21,14 @@ from tfd_jax.ops.head import head_cross_entropy, head_matmul
 from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
 from tfd_jax.ops.masking import mlm_mask
 from tfd_jax.ops.norms import layer_norm, rms_norm
-from tfd_jax.ops.positional import apply_rope, default_positions, learned_positions, rope_frequencies, sinusoidal_positions
+from tfd_jax.ops.positional import (
+    apply_rope,
+    default_positions,
+    learned_positions,
+    relative_position_buckets,
+    rope_frequencies,
+    sinusoidal_positions,
+)
 from tfd_jax.ops.sampling import (
     apply_temperature,
     check_sampling_args,
@@ -60,6 +67,7 @@ __all__ = [
     "mlm_mask",
     "padding_mask",
     "perplexity",
+    "relative_position_buckets",
     "repeat_kv",
     "rms_norm",
     "rope_frequencies",

@@ -82,3 +82,43 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def relative_position_buckets(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    *,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+    bidirectional: bool = True,
+) -> jax.Array:
+    """T5's relative positions: the bucket of each (query, key) offset ``k - q`` (beyond the course,
+    which has only absolute positions; Chapter 19 names T5).
+
+    Small offsets get a bucket each; larger ones share logarithmically wider buckets up to
+    ``max_distance``, beyond which all fall in the last bucket. ``bidirectional`` (the encoder)
+    spends half the buckets on keys after the query; a decoder (causal) uses all of them for keys
+    at or before it. A model learns one scalar per bucket and head, added to the attention scores.
+
+    Args:
+      q_positions: int ``[..., T]``; k_positions: int ``[..., S]`` (broadcastable batch dims).
+    Returns:
+      int32 ``[..., T, S]`` in ``[0, num_buckets)``.
+    """
+    rel = k_positions[..., None, :].astype(jnp.int32) - q_positions[..., :, None].astype(jnp.int32)
+    buckets = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+        dist = jnp.abs(rel)
+    else:
+        dist = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    # log-spaced beyond max_exact; the max() keeps log's argument >= 1 where the small branch wins
+    far = max_exact + (
+        jnp.log(jnp.maximum(dist, max_exact).astype(jnp.float32) / max_exact)
+        / jnp.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    far = jnp.minimum(far, num_buckets - 1)
+    return buckets + jnp.where(dist < max_exact, dist, far)
