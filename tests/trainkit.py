@@ -73,3 +73,35 @@ def truncate_biggest_tensor_file(step_dir: Path, keep: float = 0.5) -> Path:
                   key=lambda p: p.stat().st_size)
     os.truncate(biggest, int(biggest.stat().st_size * keep))
     return biggest
+
+
+def finished_checkpoints(ckpt_dir: Path) -> list[int]:
+    """Steps of the checkpoints in ``ckpt_dir`` that finished writing."""
+    return sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit() and (p / "files.json").exists())
+
+
+def reference_and_killed_run(reference_args: list[str], killed_args: list[str], run_dir: Path, *,
+                             checkpoints: int = 2, timeout: float = 300) -> tuple[str, str]:
+    """Run ``reference_args`` to the end while ``killed_args`` (training into ``run_dir``) runs beside
+    it until ``checkpoints`` checkpoints have finished, is killed with SIGKILL and is resumed with
+    ``--resume``. Returns the reference's and the resumed run's output; fails on any other ending."""
+    import signal
+    import time
+
+    env = one_device_env()
+    reference = subprocess.Popen(reference_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(killed_args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while killed.poll() is None and time.time() < deadline:
+        if (run_dir / "checkpoints").exists() and len(finished_checkpoints(run_dir / "checkpoints")) >= checkpoints:
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    out = killed.communicate(timeout=timeout)[0]
+    assert killed.returncode == -signal.SIGKILL, out
+    resumed = subprocess.run([*killed_args, "--resume"], env=env, capture_output=True, text=True, timeout=timeout)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step" in resumed.stdout
+    ref_out = reference.communicate(timeout=timeout)[0]
+    assert reference.returncode == 0, ref_out
+    return ref_out, resumed.stdout

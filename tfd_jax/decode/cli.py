@@ -5,6 +5,7 @@ Examples::
     tfd-jax generate --run runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.95
     tfd-jax generate --hf path/to/gpt2 --prompt "The cat sat" --max-new-tokens 40
     tfd-jax generate --hf path/to/weights-only --prompt-ids "464 3797 3332"
+    tfd-jax generate --run runs/numbers --source "40213"
 
 A ``--hf`` directory may hold GPT-2, Llama or Qwen2 weights (its ``config.json`` says which; BERT is
 an encoder and does not generate) and its tokenizer files, read without ``transformers``
@@ -16,6 +17,10 @@ chunk is decoded and written straight away. Without a tokenizer (a run saved wit
 Hugging Face directory holding only weights) the prompt is given as ids and the new ids are printed.
 Sampling defaults to temperature 0.8, Chapter 10's suggestion for open-ended text; ``--temperature 0``
 is greedy.
+
+An encoder-decoder run (``tfd-jax train --task seq2seq``) reads ``--source`` instead: the source is
+encoded once and the decoder writes its output from the start token (``--prompt``, if given, begins
+the output); decoding is greedy unless ``--temperature`` says otherwise.
 """
 from __future__ import annotations
 
@@ -194,8 +199,9 @@ def run_generate(args, out: TextIO | None = None) -> int:
     from tfd_jax.decode.generate import generate_stream, plan_generation
 
     out = out or sys.stdout
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.source is not None else 0.8)
     try:  # cheap checks first, before any weights are read
-        ops.check_sampling_args(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        ops.check_sampling_args(temperature=temperature, top_k=args.top_k, top_p=args.top_p, allow_greedy=True)
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.chunk_size < 1:
@@ -205,11 +211,24 @@ def run_generate(args, out: TextIO | None = None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model, tokenizer = _load(args)
-    ids = _prompt_ids(args, tokenizer)
+    seq2seq = hasattr(model.config, "decoder_start_id")
+    source = None
+    if seq2seq:
+        if args.source is None:
+            raise UserError(f"{args.run or args.hf} is an encoder-decoder: give --source TEXT for it to translate")
+        if tokenizer is None:
+            raise UserError("this model has no tokenizer to encode --source")
+        source = [tokenizer.encode(args.source) or [model.config.pad_id]]
+        ids = [model.config.decoder_start_id, *(tokenizer.encode(args.prompt) if args.prompt else [])]
+    elif args.source is not None:
+        raise UserError("--source is for encoder-decoder runs (tfd-jax train --task seq2seq); "
+                        "a decoder-only model continues --prompt")
+    else:
+        ids = _prompt_ids(args, tokenizer)
     ctx = model.config.context_length
     max_new = args.max_new_tokens if args.max_new_tokens is not None else min(100, ctx - len(ids))
     eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id)
+    kw = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, source=source)
     try:
         plan_generation(model.config, [ids], max_new, **kw)
     except ValueError as e:
@@ -217,7 +236,10 @@ def run_generate(args, out: TextIO | None = None) -> int:
 
     stream = _TextStream(tokenizer, out) if tokenizer is not None else None
     if stream is not None:
-        out.write(args.prompt if args.prompt is not None else tokenizer.decode(ids))
+        if not seq2seq:
+            out.write(args.prompt if args.prompt is not None else tokenizer.decode(ids))
+        elif args.prompt:
+            out.write(args.prompt)
         out.flush()
     first = True
     for chunk in generate_stream(model, [ids], max_new, seed=args.seed, chunk_size=args.chunk_size, **kw):
@@ -248,10 +270,12 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="DIR", help="a training run directory (config.json, tokenizer/, checkpoints)")
     src.add_argument("--hf", metavar="NAME_OR_DIR", help="Hugging Face weights: a save_pretrained directory (GPT-2, Llama, Qwen2) or a GPT-2 Hub name")
-    p.add_argument("--prompt", help="the text to continue")
+    p.add_argument("--prompt", help="the text to continue (an encoder-decoder: the start of its output)")
+    p.add_argument("--source", help="an encoder-decoder run's input, e.g. --source 40213 for a numbers run")
     p.add_argument("--prompt-ids", metavar="IDS", help='the prompt as token ids, e.g. "464 3797 3332" (prints ids)')
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to add (default: 100, or what fits the context)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; below 1 sharper, above 1 flatter (default 0.8)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; below 1 sharper, above 1 flatter (default 0.8; with --source 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens up to mass p")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same text)")

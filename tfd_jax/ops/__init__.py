@@ -19,7 +19,7 @@ from tfd_jax.ops.dropout import dropout
 from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, dense, feed_forward, gated_feed_forward
 from tfd_jax.ops.head import head_cross_entropy, head_matmul
 from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
-from tfd_jax.ops.masking import mlm_mask
+from tfd_jax.ops.masking import mlm_mask, span_corruption, span_corruption_lengths
 from tfd_jax.ops.norms import layer_norm, rms_norm
 from tfd_jax.ops.positional import (
     apply_rope,
@@ -73,6 +73,8 @@ __all__ = [
     "rope_frequencies",
     "sample",
     "sinusoidal_positions",
+    "span_corruption",
+    "span_corruption_lengths",
     "splash_attention",
     "split_heads",
     "token_cross_entropy",

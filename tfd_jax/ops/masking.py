@@ -44,3 +44,72 @@ def mlm_mask(
     inputs = jnp.where(chosen & (how < mask_frac), jnp.asarray(mask_id, tokens.dtype), tokens)
     inputs = jnp.where(chosen & (how >= mask_frac) & (how < mask_frac + random_frac), random_ids, inputs)
     return inputs, chosen
+
+
+def span_corruption_lengths(length: int, noise_density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int, int, int]:
+    """The static sizes of :func:`span_corruption` for windows of ``length`` tokens:
+    ``(noise tokens, spans, input length, target length)`` (both lengths count the closing eos)."""
+    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
+    num_spans = max(int(round(num_noise / mean_span)), 1)
+    return num_noise, num_spans, length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def span_corruption(
+    key: jax.Array,
+    tokens: jax.Array,
+    *,
+    sentinel_ids: jax.Array,
+    eos_id: int,
+    noise_density: float = 0.15,
+    mean_span: float = 3.0,
+) -> tuple[jax.Array, jax.Array]:
+    """T5's denoising objective (beyond the course): hide random spans of each window behind sentinel
+    tokens and ask the decoder to write the hidden spans.
+
+    Exactly ``round(T * noise_density)`` tokens of each row are hidden, in ``round(noise / mean_span)``
+    spans of random lengths (at least one token each), placed at random between kept stretches (the
+    row starts with a kept stretch, as in T5). Span ``i`` becomes ``sentinel_ids[i]`` in the input,
+    and the target is ``sentinel_0, span 0, sentinel_1, span 1, ...``; both end with ``eos_id``:
+
+        tokens  a b c d e f g h      (c d and g hidden)
+        input   a b <X0> e f <X1> h </s>
+        target  <X0> c d <X1> g </s>
+
+    The sizes are fixed by ``T`` (:func:`span_corruption_lengths`), so this runs inside ``jit``.
+
+    Args:
+      key: a PRNG key; tokens: int ``[B, T]``; sentinel_ids: int ``[>= spans]``.
+    Returns:
+      ``(inputs [B, S_in], targets [B, S_out])``, int like ``tokens``.
+    """
+    B, T = tokens.shape
+    num_noise, num_spans, in_len, out_len = span_corruption_lengths(T, noise_density, mean_span)
+    if sentinel_ids.shape[0] < num_spans:
+        raise ValueError(f"span corruption of {T}-token windows makes {num_spans} spans but only "
+                         f"{sentinel_ids.shape[0]} sentinel tokens were given")
+
+    def segment(k, items, segments):  # random lengths >= 1 of `segments` parts summing to `items`
+        cuts = jax.random.permutation(k, items - 1) < segments - 1
+        seg = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32), cuts.astype(jnp.int32)]))
+        return jax.ops.segment_sum(jnp.ones((items,), jnp.int32), seg, num_segments=segments)
+
+    def noise_mask(k):
+        k1, k2 = jax.random.split(k)
+        lengths = jnp.stack([segment(k1, T - num_noise, num_spans), segment(k2, num_noise, num_spans)], 1).reshape(-1)
+        starts = jnp.cumsum(lengths)[:-1]
+        span = jnp.cumsum(jnp.zeros((T,), jnp.int32).at[starts].set(1))
+        return span % 2 == 1
+
+    def squeeze(row, hidden, size):  # each run of `hidden` -> its sentinel; other tokens kept
+        first = hidden & ~jnp.concatenate([jnp.zeros((1,), bool), hidden[:-1]])
+        run = jnp.cumsum(first) - 1
+        values = jnp.where(first, sentinel_ids[jnp.maximum(run, 0)].astype(row.dtype), row)
+        keep = ~hidden | first
+        where = jnp.where(keep, jnp.cumsum(keep) - 1, size)  # dropped tokens go out of range
+        out = jnp.full((size,), eos_id, row.dtype)
+        return out.at[where].set(values, mode="drop")
+
+    hidden = jax.vmap(noise_mask)(jax.random.split(key, B))
+    inputs = jax.vmap(lambda r, h: squeeze(r, h, in_len))(tokens, hidden)
+    targets = jax.vmap(lambda r, h: squeeze(r, ~h, out_len))(tokens, hidden)
+    return inputs, targets

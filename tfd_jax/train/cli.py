@@ -17,16 +17,21 @@ def register(subparsers) -> None:
         help="train a model (default: a small GPT on the Python standard library, a few minutes on a CPU; --task mlm: a BERT)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default=d.task, choices=["lm", "mlm"],
-                   help="the objective: next-token language modelling (GPT) or masked-LM pre-training (BERT)")
-    p.add_argument("--arch", default=None, choices=["gpt", "bert"], help="the model family (default: the task's)")
+    p.add_argument("--task", default=d.task, choices=["lm", "mlm", "seq2seq"],
+                   help="the objective: next-token language modelling (GPT), masked-LM pre-training (BERT), or "
+                        "encoder-decoder training (pairs such as --data numbers, or span corruption of a text corpus)")
+    p.add_argument("--arch", default=None, choices=["gpt", "bert", "transformer", "t5", "bart"],
+                   help="the model family (default: the task's: gpt, bert, transformer)")
     p.add_argument("--preset", default=None,
                    help="model preset: GPT course, tiny, small (default), mini, gpt2, llama-tiny, ...; BERT tiny (default), "
-                        "course-encoder, bert-base, bert-large")
+                        "course-encoder, bert-base, bert-large; encoder-decoders tiny (default), course-seq2seq, "
+                        "transformer-base, t5-small, t5-base, t5-v1_1-small, bart-base")
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from these weights instead of random ones: a run directory or a Hugging Face model "
                         "directory (its tokenizer comes too; fine-tuning, Chapter 18)")
-    p.add_argument("--data", default=d.data, help="pystdlib, tinyshakespeare, or a text file / directory / glob")
+    p.add_argument("--data", default=d.data,
+                   help="pystdlib, tinyshakespeare, or a text file / directory / glob; for --task seq2seq also the "
+                        "built-in task numbers (its default) or a .jsonl / .tsv file of source/target pairs")
     p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="use at most this much training text (0 = all)")
     p.add_argument("--tokenizer", default=d.tokenizer, choices=["spm", "bpe", "char"])
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary (spm, bpe)")
@@ -119,6 +124,7 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
 
     given = getattr(args, "_given", None)
     if base is None or given is None:
+        _apply_task_defaults(args)
         base, given = TrainConfig(), None
 
     def was(*dests):
@@ -126,7 +132,9 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
 
     overrides = dict(base.model_overrides)
     if was("model"):
-        arch = args.arch or (base.arch if given is not None else None) or ("bert" if args.task == "mlm" else "gpt")
+        from tfd_jax.train.tasks import TASKS
+
+        arch = args.arch or (base.arch if given is not None else None) or TASKS[args.task].arch
         overrides.update(parse_model_overrides(args.model, arch))
     if was("dropout") and args.dropout is not None:
         overrides["dropout"] = args.dropout
@@ -159,12 +167,23 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
                                **changes)
 
 
+def _apply_task_defaults(args) -> None:
+    """A new run of a task takes the task's own defaults (``Task.cli_defaults``) for the flags not given."""
+    from tfd_jax.train.tasks import TASKS
+
+    task = TASKS.get(args.task)
+    given = getattr(args, "_given", set()) or set()
+    for dest, value in (task.cli_defaults if task else {}).items():
+        if dest not in given:
+            setattr(args, dest, value)
+
+
 def parse_model_overrides(items: list[str], arch: str = "gpt") -> dict:
     """``["d_model=256", "tie_embeddings=false"]`` -> typed overrides of ``GPTConfig`` (or, for
     ``arch="bert"``, ``BertConfig``) fields."""
-    from tfd_jax.models import BertConfig, GPTConfig
+    from tfd_jax.models import registry
 
-    fields = {f.name: f for f in dataclasses.fields(BertConfig if arch == "bert" else GPTConfig)}
+    fields = {f.name: f for f in dataclasses.fields(registry.ARCHS[arch][0])}
     out = {}
     for item in items:
         name, sep, value = item.partition("=")

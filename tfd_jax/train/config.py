@@ -162,8 +162,8 @@ def validate(cfg: TrainConfig, task=None) -> None:
     presets = registry.presets(arch) if arch in registry.ARCHS else None
     if task is None and cfg.task not in TASKS:
         problems.append(f"unknown --task {cfg.task!r}; choose one of {', '.join(sorted(TASKS))}")
-    elif cfg.arch is not None and cfg.arch != task_arch:
-        problems.append(f"--task {cfg.task} trains --arch {task_arch}, not {cfg.arch}")
+    elif cfg.arch is not None and cfg.arch not in (task or TASKS[cfg.task]).archs():
+        problems.append(f"--task {cfg.task} trains --arch {' or '.join((task or TASKS[cfg.task]).archs())}, not {cfg.arch}")
     if presets is None:
         problems.append(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(sorted(registry.ARCHS))}")
     elif cfg.preset is not None and cfg.preset not in presets and cfg.init_from is None:

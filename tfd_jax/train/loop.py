@@ -95,10 +95,12 @@ def _on_main(name: str, fn):
     return result
 
 
-def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str, arch: str = "gpt", base=None):
+def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str, arch: str = "gpt", base=None,
+                     fields: dict | None = None):
     """The model config a run trains: the preset (or ``base``, e.g. ``--init-from``'s) with the
-    run's vocabulary, compute dtype and ``--model`` overrides, and a context at least ``seq_len`` long."""
-    overrides = {"dtype": compute_dtype(precision), **cfg.model_overrides}
+    run's vocabulary, compute dtype, the task's ``fields`` (ids its tokenizer decides) and
+    ``--model`` overrides, and a context at least ``seq_len`` long."""
+    overrides = {"dtype": compute_dtype(precision), **(fields or {}), **cfg.model_overrides}
     if base is None:
         base = registry.config_preset(arch, cfg.preset, vocab_size=vocab_size, **overrides)
     else:
@@ -155,7 +157,7 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
     if mode == "resume":
         lock = _on_main("took the run's lock", lambda: rundir.RunLock.acquire(out))
         try:
-            return _resume_run(cfg, out, lock)
+            return _resume_run(cfg, task, out, lock)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -188,9 +190,10 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
         try:
             tokenizer, train_tf, val_tf = _prepare_data(cfg, task, staging.path, log,
                                                         tokenizer=source.tokenizer if source else None)
-            _check_iterators(cfg, train_tf, val_tf)
+            _check_iterators(cfg, task, tokenizer, train_tf, val_tf)
             model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision, arch,
-                                         base=source.model_config if source else None)
+                                         base=source.model_config if source else None,
+                                         fields=task.model_fields(tokenizer))
             from tfd_jax.data.tokenized import identity
 
             record = {
@@ -219,7 +222,7 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
         raise
 
 
-def _resume_run(cfg: TrainConfig, out: Path, lock) -> _Run:
+def _resume_run(cfg: TrainConfig, task: Task, out: Path, lock) -> _Run:
     run = ckpt.read_config(out)
     arch = run.get("arch", "gpt")
     precision = run.get("precision") or cfg.precision or default_precision()
@@ -229,7 +232,8 @@ def _resume_run(cfg: TrainConfig, out: Path, lock) -> _Run:
     try:
         # a run started from other weights has no preset to rebuild: the given flags apply to its model
         given_model = model_config_for(cfg, tokenizer.vocab_size, precision, arch,
-                                       base=run_model if run.get("init_from") else None)
+                                       base=run_model if run.get("init_from") else None,
+                                       fields=task.model_fields(tokenizer))
     except ValueError as e:
         raise TrainingError(f"--resume: {e}") from None
     changes = resume_changes(run, cfg, given_model.to_dict())
@@ -269,12 +273,11 @@ def _load_run_data(out: Path):
 def _prepare_data(cfg: TrainConfig, task: Task, directory: Path, log, tokenizer=None):
     """Load the corpus, train the tokenizer (unless one is given) and write the token files into
     ``directory``: (tokenizer, train TokenFile, val TokenFile)."""
-    from tfd_jax.data import load_corpus
     from tfd_jax.data.tokenized import write_tokens
 
     t0 = time.time()
-    train_corpus = load_corpus(cfg.data, split="train", max_bytes=cfg.max_bytes)
-    val_corpus = load_corpus(cfg.data, split="val", max_bytes=None if cfg.max_bytes is None else max(cfg.max_bytes // 10, 1))
+    train_corpus = task.corpus(cfg, "train", cfg.max_bytes)
+    val_corpus = task.corpus(cfg, "val", None if cfg.max_bytes is None else max(cfg.max_bytes // 10, 1))
     log(f"corpus {cfg.data!r}: {train_corpus.num_chars:,} train / {val_corpus.num_chars:,} val characters")
     # A character vocabulary must cover the validation text too (nanoGPT builds it from all of the
     # text); BPE and sentencepiece fall back to bytes, so they see only training text.
@@ -282,18 +285,22 @@ def _prepare_data(cfg: TrainConfig, task: Task, directory: Path, log, tokenizer=
     if tokenizer is None:
         tokenizer = _train_tokenizer(cfg, text, task.special_tokens)
     tokenizer.save(directory / ckpt.TOKENIZER_DIR)
-    train_tf = write_tokens(train_corpus, tokenizer, directory / "data" / "train", progress=cfg.progress)
-    val_tf = write_tokens(val_corpus, tokenizer, directory / "data" / "val", progress=cfg.progress)
+    encoder = task.token_encoder(tokenizer)
+    train_tf = write_tokens(train_corpus, encoder, directory / "data" / "train", progress=cfg.progress)
+    val_tf = write_tokens(val_corpus, encoder, directory / "data" / "val", progress=cfg.progress)
     kind = cfg.tokenizer if not cfg.init_from else f"from {cfg.init_from}"
     log(f"tokenizer {kind} ({tokenizer.vocab_size} tokens) and data ready in {time.time() - t0:.1f}s")
     return tokenizer, train_tf, val_tf
 
 
-def _check_iterators(cfg: TrainConfig, train_tf, val_tf) -> None:
+def _check_iterators(cfg: TrainConfig, task: Task, tokenizer, train_tf, val_tf) -> None:
     """A corpus too small for one batch fails here, with the numbers, before the run exists."""
-    _train_iterator(cfg, train_tf)
     try:
-        _val_iterator(cfg, val_tf)
+        task.iterator(cfg, train_tf, tokenizer, seed=cfg.seed)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        task.iterator(cfg, val_tf, tokenizer, seed=cfg.seed + VAL_SEED_OFFSET)
     except ValueError as e:
         raise TrainingError(f"validation split too small: {e}") from None
 
@@ -454,18 +461,18 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
                   n_params, n_embed, n_matmul)
 
 
-def _restore(run: _Run, m: _Model, checkpointer, log, is_main: bool):
+def _restore(run: _Run, task: Task, m: _Model, checkpointer, log, is_main: bool):
     """On resume: the newest intact checkpoint's state and data iterator, or (no checkpoint yet) the
     fresh state from step 0. Returns ``(state, data iterator, start step)``."""
     from tfd_jax.data.pipeline import IteratorRestore
 
     cfg, out = run.cfg, run.out
-    state, data_it, start_step = m.state, _train_iterator(cfg, run.train_tokens), 0
+    state, data_it, start_step = m.state, task.iterator(cfg, run.train_tokens, run.tokenizer, seed=cfg.seed), 0
     target = ckpt.abstract_with_shardings(m.abstract_state, m.state_sh)
     fresh_its = []
 
     def data_args():
-        fresh_its.append(_train_iterator(cfg, run.train_tokens))  # a fresh one per attempt
+        fresh_its.append(task.iterator(cfg, run.train_tokens, run.tokenizer, seed=cfg.seed))  # one per attempt
         return IteratorRestore(fresh_its[-1])
 
     try:
@@ -538,9 +545,9 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     # We hold the run's lock, so unfinished saves in the directory are a killed process's leftovers.
     checkpointer = ckpt.Checkpointer(out, keep=cfg.keep_checkpoints, cleanup_tmp=True)
     if cfg.resume:
-        state, data_it, start_step = _restore(run, m, checkpointer, log, is_main)
+        state, data_it, start_step = _restore(run, task, m, checkpointer, log, is_main)
     else:
-        state, data_it, start_step = m.state, _train_iterator(cfg, run.train_tokens), 0
+        state, data_it, start_step = m.state, task.iterator(cfg, run.train_tokens, tokenizer, seed=cfg.seed), 0
     m.state = None  # the loop owns the state now (it is donated step by step)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
@@ -625,7 +632,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                     pass  # fp16 loss-scale search: reported below as the scale changes
                 elif not bool(hm["finite"]):
                     log(f"step {s}: non-finite loss or gradients; the update was skipped")
-                elif ema is not None and loss > cfg.spike_factor * ema:
+                elif ema is not None and loss > cfg.spike_factor * ema and loss - ema > SPIKE_MIN_RISE:
                     log(f"step {s}: loss spike {loss:.3f} (running average {ema:.3f})")
                 if bool(hm["finite"]):
                     ema = loss if ema is None else 0.9 * ema + 0.1 * loss
@@ -654,7 +661,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             if streak >= cfg.max_nonfinite_streak:
                 raise RunFailed(_diverged_message(step, streak, checkpointer))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss, val_metrics = _evaluate(cfg, eval_fn, state, val_tokens, mesh)
+                val_loss, val_metrics = _evaluate(cfg, task, tokenizer, eval_fn, state, val_tokens, mesh)
                 record["val_loss"] = val_loss
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
             if log_now:  # (a checkpoint step only checks the counters above; it logs nothing)
@@ -718,7 +725,8 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             "num_params": n_params,
         }
     )
-    want_samples = cfg.samples and not summary.get("stopped_by_signal")
+    finished = not summary.get("stopped_by_signal")
+    want_samples = finished and (cfg.samples or type(task).final_metrics is not Task.final_metrics)
     if want_samples and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -733,7 +741,10 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
         if want_samples:
             model = merge_model(graphdef, host_params, host_fixed, rest)
             model.eval()
-            samples = task.samples(model, tokenizer, cfg, log)
+            measured = task.final_metrics(model, tokenizer, out, cfg, log)
+            if measured:
+                summary.update(measured)
+            samples = task.samples(model, tokenizer, cfg, log) if cfg.samples else None
             if samples is not None:
                 summary["samples"] = samples
     return summary
@@ -763,17 +774,11 @@ def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
     return {k: special[k] if special.get(k) is not None else rep for k in abstract_state}
 
 
-def _train_iterator(cfg: TrainConfig, tokens):
-    from tfd_jax.data.pipeline import make_iterator
+#: a loss spike is also at least this much above the running average (near zero loss, doubling is noise)
+SPIKE_MIN_RISE = 0.05
 
-    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, sampling=cfg.sampling)
-
-
-def _val_iterator(cfg: TrainConfig, tokens):
-    from tfd_jax.data.pipeline import make_iterator
-
-    return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed + 12345,
-                         sampling=cfg.sampling)
+#: the validation iterator's seed is the run's plus this (other windows than training's, fixed per run)
+VAL_SEED_OFFSET = 12345
 
 
 def _iterator_save(it):
@@ -782,10 +787,10 @@ def _iterator_save(it):
     return IteratorSave(it)
 
 
-def _evaluate(cfg: TrainConfig, eval_fn, state, val_tokens, mesh) -> tuple[float, dict]:
+def _evaluate(cfg: TrainConfig, task: Task, tokenizer, eval_fn, state, val_tokens, mesh) -> tuple[float, dict]:
     """Mean validation loss (and the task's metrics) over ``eval_batches`` fixed batches (the same
     ones every time)."""
-    it = _val_iterator(cfg, val_tokens)
+    it = task.iterator(cfg, val_tokens, tokenizer, seed=cfg.seed + VAL_SEED_OFFSET)
     total, count, sums = 0.0, 0.0, {}
     fixed = state.get("fixed", nnx.State({}))
     for _ in range(cfg.eval_batches):

@@ -9,12 +9,20 @@ The :class:`~tfd_jax.train.loop.Trainer` runs any task; a task says
 - ``loss_fn(model, batch, frozen) -> (loss_sum, count, metrics)``: the summed loss, how many
   things it counted, and further sums (reported per counted thing in ``metrics.jsonl``);
 - ``trainable``: an NNX filter of the parameters that train (all by default);
-- ``samples(...)``: what to show at the end of a run (text for a language model).
+- ``samples(...)``: what to show at the end of a run (text for a language model);
+- ``cli_defaults``: ``tfd-jax train`` flags (by their argparse names) whose default differs for
+  this task; flags given on the command line win;
+- the data: ``corpus(cfg, split, max_bytes)`` (the text documents; ``--data`` through
+  ``tfd_jax.data.load_corpus`` by default), ``token_encoder(tokenizer)`` (what writes them into the
+  run's token files), ``iterator(cfg, tokens, tokenizer, seed=)`` (the batches; windows of
+  ``seq_len`` by default) and ``model_fields(tokenizer)`` (model config fields its ids decide);
+- ``final_metrics(model, tokenizer, run_dir, cfg, log)``: figures measured once at the end of a run
+  (merged into the summary).
 
-Batches come from the run's token files as ``{"tokens", "targets", "mask"}`` (int ``[B, T]``,
-int ``[B, T]``, bool ``[B, T]``; see ``tfd_jax.data.pipeline``). Next-token LM and masked-LM are two
-tasks here; a test writes a third (a regression on BERT's pooled vector) without touching this
-package.
+By default batches come from the run's token files as ``{"tokens", "targets", "mask"}`` (int
+``[B, T]``, int ``[B, T]``, bool ``[B, T]``; see ``tfd_jax.data.pipeline``). Next-token LM, masked-LM
+and seq2seq (translation-style pairs, or T5's span corruption of a corpus) are the tasks here; a
+test writes another (a regression on BERT's pooled vector) without touching this package.
 """
 from __future__ import annotations
 
@@ -47,6 +55,12 @@ class Task:
     special_tokens: tuple[str, ...] = ()
     trainable: Any = nnx.Param
     prepare: Callable | None = None
+    cli_defaults: dict[str, Any] = {}
+
+    @classmethod
+    def archs(cls) -> tuple[str, ...]:
+        """The architectures this task can train (``arch``, its default, first)."""
+        return (cls.arch, *getattr(cls, "other_archs", ()))
 
     def setup(self, tokenizer, model_config) -> None:
         """Called once with the run's tokenizer and model config, before the step is traced."""
@@ -57,6 +71,32 @@ class Task:
     def samples(self, model, tokenizer, cfg, log) -> list[str] | None:
         """Shown at the end of a run; None: nothing to show."""
         return None
+
+    def final_metrics(self, model, tokenizer, run_dir, cfg, log) -> dict | None:
+        """Measured once at the end of a run (merged into the summary); None: nothing."""
+        return None
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def corpus(self, cfg, split: str, max_bytes: int | None):
+        """The documents of one split (before tokenization)."""
+        from tfd_jax.data import load_corpus
+
+        return load_corpus(cfg.data, split=split, max_bytes=max_bytes)
+
+    def token_encoder(self, tokenizer):
+        """What turns the documents into the run's token files (anything with ``encode_batch``)."""
+        return tokenizer
+
+    def model_fields(self, tokenizer) -> dict:
+        """Model config fields decided by the run's tokenizer (e.g. an encoder-decoder's pad id)."""
+        return {}
+
+    def iterator(self, cfg, tokens, tokenizer, *, seed: int):
+        """The batches of one split: windows of ``cfg.seq_len`` tokens (``tfd_jax.data.pipeline``)."""
+        from tfd_jax.data.pipeline import make_iterator
+
+        return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, sampling=cfg.sampling)
 
 
 class LMTask(Task):
@@ -86,6 +126,12 @@ class MLMTask(Task):
     name = "mlm"
     arch = "bert"
     special_tokens = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    # A tiny BERT first learns only how often each token occurs (its accuracy then equals always
+    # guessing the most frequent token) and starts using the context after a few hundred steps.
+    # Measured on the embedded corpus (experiments/mlm_pretrain.py): a 512-token vocabulary and a
+    # constant learning rate of 1e-3 get there within the run; 2,048 tokens and the LM task's
+    # decaying 2e-3 stay at the baseline for 300 steps.
+    cli_defaults = {"vocab_size": 512, "steps": 600, "lr": 1e-3, "min_lr": 1e-3, "weight_decay": 0.0}
 
     def __init__(self, rate: float = 0.15):
         self.rate = rate
@@ -118,7 +164,145 @@ class MLMTask(Task):
         return loss_sum, jnp.sum(chosen), {"mlm_loss": loss_sum, "masked_accuracy": correct}
 
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask}
+#: the special tokens of an encoder-decoder's tokenizer: padding, end, the decoder's start, the
+#: source/target separator of the token files, and T5's sentinels for span corruption
+SEQ2SEQ_SPECIAL_TOKENS = ("<pad>", "</s>", "<s>", "<sep>", *(f"<extra_id_{i}>" for i in range(32)))
+
+
+class Seq2SeqTask(Task):
+    """Encoder-decoder training (Chapter 19, Part 5), on either kind of ``--data``:
+
+    - **pairs** (a built-in task such as ``numbers``, or a ``.jsonl`` / ``.tsv`` file; see
+      ``tfd_jax.data.pairs``): the source is encoded, the decoder learns the target by teacher
+      forcing. At the end of a run, greedy decoding of held-out sources is graded by exact match.
+    - **a text corpus** (``pystdlib``, a file ...): T5's span corruption (``ops.span_corruption``,
+      beyond the course): 15% of each window hidden in spans of mean length 3 behind sentinel
+      tokens, and the decoder writes the hidden spans. Drawn inside the jitted step from the step's
+      key, so a resumed run corrupts exactly as an uninterrupted one.
+
+    The loss is the cross-entropy of every real target token (``seq2seq_loss``; reported as
+    ``token_accuracy`` too).
+    """
+
+    name = "seq2seq"
+    arch = "transformer"
+    other_archs = ("t5", "bart")
+    special_tokens = SEQ2SEQ_SPECIAL_TOKENS
+    cli_defaults = {"data": "numbers", "tokenizer": "char", "seq_len": 64, "batch_size": 64, "steps": 1500,
+                    "lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.0, "eval_every": 250}
+
+    def __init__(self, noise_density: float = 0.15, mean_span: float = 3.0, eval_examples: int = 500):
+        self.noise_density, self.mean_span, self.eval_examples = noise_density, mean_span, eval_examples
+
+    def _ids(self, tokenizer) -> dict:
+        missing = [t for t, i in (("<pad>", tokenizer.pad_id), ("</s>", tokenizer.eos_id), ("<s>", tokenizer.bos_id),
+                                  ("<sep>", tokenizer.sep_id)) if i is None]
+        if missing:
+            raise ValueError(f"seq2seq training needs a tokenizer with {', '.join(missing)}; train one with "
+                             "special_tokens=SEQ2SEQ_SPECIAL_TOKENS")
+        return {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "decoder_start_id": tokenizer.bos_id}
+
+    def model_fields(self, tokenizer) -> dict:
+        return self._ids(tokenizer)
+
+    def setup(self, tokenizer, model_config) -> None:
+        ids = self._ids(tokenizer)
+        self.pad_id, self.eos_id, self.start_id = ids["pad_id"], ids["eos_id"], ids["decoder_start_id"]
+        self.sep_id = tokenizer.sep_id
+        special = tokenizer.special_tokens
+        self.sentinels = tuple(special[t] for t in SEQ2SEQ_SPECIAL_TOKENS if t.startswith("<extra_id_") and t in special)
+
+    def corpus(self, cfg, split, max_bytes):
+        from tfd_jax.data.pairs import is_pairs, load_pairs
+
+        if is_pairs(cfg.data):
+            return load_pairs(cfg.data, split, max_bytes=max_bytes)
+        return super().corpus(cfg, split, max_bytes)
+
+    def token_encoder(self, tokenizer):
+        from tfd_jax.data.pairs import PairEncoder
+
+        self._ids(tokenizer)
+        return PairEncoder(tokenizer, tokenizer.sep_id)
+
+    def iterator(self, cfg, tokens, tokenizer, *, seed):
+        from tfd_jax.data.pairs import is_pairs, make_pairs_iterator
+
+        if not is_pairs(cfg.data):
+            return super().iterator(cfg, tokens, tokenizer, seed=seed)
+        ids = self._ids(tokenizer)
+        return make_pairs_iterator(tokens, batch_size=cfg.batch_size, src_len=cfg.seq_len, tgt_len=cfg.seq_len,
+                                   seed=seed, sep_id=tokenizer.sep_id, pad_id=ids["pad_id"],
+                                   start_id=ids["decoder_start_id"])
+
+    def prepare(self, batch: dict, key: jax.Array) -> dict:
+        if "src" in batch:  # pairs: already what the model reads
+            return batch
+        src, targets = ops.span_corruption(key, batch["tokens"], sentinel_ids=jnp.asarray(self.sentinels, jnp.int32),
+                                           eos_id=self.eos_id, noise_density=self.noise_density,
+                                           mean_span=self.mean_span)
+        start = jnp.full((targets.shape[0], 1), self.start_id, targets.dtype)
+        return {"src": src, "src_mask": jnp.ones(src.shape, bool), "tgt_in": jnp.concatenate([start, targets[:, :-1]], 1),
+                "targets": targets, "mask": jnp.ones(targets.shape, bool)}
+
+    def loss_fn(self, model, batch, frozen):
+        return seq2seq_loss(model, batch, frozen)
+
+    def final_metrics(self, model, tokenizer, run_dir, cfg, log) -> dict | None:
+        from tfd_jax.data.pairs import is_pairs
+
+        if not is_pairs(cfg.data):
+            return None
+        result = exact_match(model, tokenizer, run_dir, cfg, limit=self.eval_examples, log=log)
+        return result
+
+    def samples(self, model, tokenizer, cfg, log):
+        return None  # final_metrics prints a few translations
+
+
+def seq2seq_loss(model, batch: dict, frozen: Any = None) -> tuple[jax.Array, jax.Array, dict]:
+    """Teacher-forced cross-entropy of an encoder-decoder (Chapter 19, Part 5): (sum over real target
+    tokens, their number, {"token_accuracy": correct argmax predictions}).
+
+    ``batch``: ``src``, ``src_mask`` ``[B, S]``; ``tgt_in``, ``targets``, ``mask`` ``[B, T]``."""
+    mask = batch["mask"].astype(jnp.float32)
+    logits = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_mask"])
+    losses = ops.token_cross_entropy(logits, batch["targets"])
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask)
+    return jnp.sum(losses * mask), jnp.sum(mask), {"token_accuracy": correct}
+
+
+def exact_match(model, tokenizer, run_dir, cfg, *, limit: int = 500, log=print, show: int = 3) -> dict:
+    """Greedy-decode the first ``limit`` held-out sources of a pairs run and grade them: the share
+    whose output equals the target exactly. Returns ``{"exact_match", "exact_match_examples"}``."""
+    from pathlib import Path
+
+    from tfd_jax.data.pairs import pairs_of
+    from tfd_jax.data.tokenized import load_tokens
+    from tfd_jax.decode import generate
+
+    pairs = pairs_of(load_tokens(Path(run_dir) / "data" / "val"), tokenizer.sep_id, limit)
+    right, batch = 0, 100
+    longest = max(len(t) for _, t in pairs) + 1
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        out, lengths = generate(model, None, min(longest, model.config.context_length - 1),
+                                source=[s or [tokenizer.pad_id] for s, _ in chunk], eos_id=tokenizer.eos_id,
+                                pad_id=tokenizer.pad_id)
+        for k, ((src, tgt), row, n) in enumerate(zip(chunk, out, lengths)):
+            got = [int(t) for t in row[: int(n)]]
+            if got and got[-1] == tokenizer.eos_id:
+                got = got[:-1]
+            right += got == tgt
+            if i + k < show:
+                log(f"  {tokenizer.decode(src)!r} -> {tokenizer.decode(got)!r}" + ("" if got == tgt else
+                                                                                 f"  (expected {tokenizer.decode(tgt)!r})"))
+    result = {"exact_match": right / len(pairs), "exact_match_examples": len(pairs)}
+    log(f"held-out exact match (greedy decoding): {right}/{len(pairs)} = {100 * result['exact_match']:.1f}%")
+    return result
+
+
+TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask}
 
 
 def get_task(name: str) -> Task:
