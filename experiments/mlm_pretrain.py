@@ -15,24 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 
 import numpy as np
 
-
-def _device() -> str:
-    import jax
-
-    d = jax.devices()[0]
-    if d.platform != "cpu":
-        return d.device_kind
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
+from machine import device_name
 
 
 def main() -> None:
@@ -68,7 +55,7 @@ def main() -> None:
     print(json.dumps({"what": "mlm_pretrain", "preset": args.preset, "tokenizer": args.tokenizer, "vocab_size": args.vocab_size, "steps": args.steps,
                       "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
                       "most_frequent_token_baseline": round(baseline, 4), "val_masked_accuracy": curve,
-                      "tokens_per_s": summary.get("tokens_per_s"), "wall_s": round(wall, 1), "device": _device()}))
+                      "tokens_per_s": summary.get("tokens_per_s"), "wall_s": round(wall, 1), "device": device_name()}))
 
 
 if __name__ == "__main__":

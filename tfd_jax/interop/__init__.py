@@ -1,4 +1,4 @@
-"""Moving weights between ``tfd_jax`` models and Hugging Face checkpoints: GPT-2, Llama/Qwen2, BERT.
+"""Moving weights between ``tfd_jax`` models and Hugging Face checkpoints: GPT-2, Llama/Qwen2, BERT, T5, BART.
 
 See :mod:`tfd_jax.interop.hf` for the layout of the package; its public names are this package's.
 """

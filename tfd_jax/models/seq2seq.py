@@ -41,6 +41,7 @@ from tfd_jax.models.gpt import check_tokens
 from tfd_jax.nn import Block, BlockConfig, Dropout, EncoderDecoderCache, Embed, LayerNorm, Linear, allocate_cache
 from tfd_jax.nn import make_blocks, make_norm, normal_init, record_attention_weights, run_blocks, unstack_blocks
 from tfd_jax.nn import with_layout, xavier_init
+from tfd_jax.nn.cache import as_bshd
 from tfd_jax.nn.config import DTYPES, ConfigMixin
 from tfd_jax.nn.stack import REMAT_POLICIES, cached_blocks
 from tfd_jax.ops.feedforward import ACTIVATIONS
@@ -367,8 +368,9 @@ class EncoderDecoder(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, *, source: jax.Array, source_mask: jax.Array | None = None,
                    dtype=None) -> EncoderDecoderCache:
         """Encode ``source [B, S]`` once and make the decoder's cache: each layer's cross-attention
-        keys/values ``[B, S, H, D]`` from the memory, and empty self-attention buffers
-        ``[B, H, S_max, D]`` for up to ``max_length`` target tokens."""
+        keys/values ``[B, H, S, D]`` from the memory, and empty self-attention buffers
+        ``[B, H, S_max, D]`` for up to ``max_length`` target tokens (both heads-major: a decoding
+        step then reads them without a transpose)."""
         cfg = self.config
         if source.shape[0] != batch_size:
             raise ValueError(f"source has batch {source.shape[0]} but the cache is for {batch_size} rows")
@@ -379,9 +381,10 @@ class EncoderDecoder(nnx.Module):
         memory = self.encode(source, src_padding_mask=source_mask).astype(cfg.compute_dtype)
         cross = [block.cross_key_value(memory) for block in self.decoder.unstacked()]
         dtype = dtype or cfg.compute_dtype
+        heads_major = lambda a: jnp.swapaxes(a, 1, 2).astype(dtype)  # noqa: E731  (the self-attention cache's layout)
         return EncoderDecoderCache(
             self_attn=allocate_cache(cfg.num_decoder_layers, batch_size, cfg.num_heads, max_length, cfg.head_dim, dtype),
-            cross_k=tuple(k.astype(dtype) for k, _ in cross), cross_v=tuple(v.astype(dtype) for _, v in cross),
+            cross_k=tuple(heads_major(k) for k, _ in cross), cross_v=tuple(heads_major(v) for _, v in cross),
             source_valid=source_mask.astype(bool))
 
     def forward_cached(self, tokens: jax.Array, cache: EncoderDecoderCache,
@@ -399,7 +402,8 @@ class EncoderDecoder(nnx.Module):
         x = self.decoder.embed(self.tok_embed, tokens, positions)
         h, self_attn = cached_blocks(self.decoder.unstacked(), x, cache.self_attn, num_valid, positions=positions,
                                      mask=mask, bias=bias, cross_mask=cross_mask,
-                                     per_layer={"cross_kv": list(zip(cache.cross_k, cache.cross_v))})
+                                     per_layer={"cross_kv": [(as_bshd(k), as_bshd(v))
+                                                             for k, v in zip(cache.cross_k, cache.cross_v)]})
         new = EncoderDecoderCache(self_attn=self_attn, cross_k=cache.cross_k, cross_v=cache.cross_v,
                                   source_valid=cache.source_valid)
         return self.decoder.finish(h), new

@@ -58,7 +58,8 @@ class EncoderDecoderCache:
 
     Attributes:
       self_attn: the decoder's :class:`KVCache`.
-      cross_k, cross_v: tuples with one ``[B, S_src, K, D]`` array per decoder layer.
+      cross_k, cross_v: tuples with one ``[B, K, S_src, D]`` array per decoder layer (heads-major,
+        like the self-attention buffers).
       source_valid: bool ``[B, S_src]``, False on source padding (no query attends there).
 
     ``lengths``, ``max_length`` and ``batch_size`` are those of ``self_attn``, so a decode loop

@@ -73,6 +73,9 @@ def open_source(path: str) -> Source:
                                 "saved every --ckpt-every steps and at its end")
         return _checked(Source(p, "run", arch, model_config, tokenizer))
     model_type = config.get("model_type")
+    if model_type in ("t5", "bart"):
+        raise TrainingError(f"--init-from {path}: a Hugging Face {model_type.upper()} model loads as a library call "
+                            f"(tfd_jax.interop.load_hf_{model_type}) but cannot start a training run yet")
     if model_type not in HF_FAMILIES:
         raise TrainingError(f"--init-from {path}: Hugging Face model_type {model_type!r} is not one this library "
                             f"loads ({', '.join(sorted(HF_FAMILIES))})")
