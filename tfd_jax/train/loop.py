@@ -295,10 +295,7 @@ def _prepare_data(cfg: TrainConfig, task: Task, directory: Path, log, tokenizer=
 
 def _check_iterators(cfg: TrainConfig, task: Task, tokenizer, train_tf, val_tf) -> None:
     """A corpus too small for one batch fails here, with the numbers, before the run exists."""
-    try:
-        task.iterator(cfg, train_tf, tokenizer, seed=cfg.seed)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
+    task.iterator(cfg, train_tf, tokenizer, seed=cfg.seed)
     try:
         task.iterator(cfg, val_tf, tokenizer, seed=cfg.seed + VAL_SEED_OFFSET)
     except ValueError as e:
