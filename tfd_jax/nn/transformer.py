@@ -341,14 +341,19 @@ def record_attention_weights(model: nnx.Module, fn, *, which: str = "attn") -> t
     Returns ``(fn(), weights)``: one float32 ``[B, H, T, S]`` per layer, in layer order. The model
     must hold its blocks one by one (``with_layout(model, scan_layers=False)``).
     """
-    layers = [m for path, m in nnx.iter_graph(model)
+    layers = [(tuple(path), m) for path, m in nnx.iter_graph(model)
               if isinstance(m, MultiHeadAttention) and path and path[-1] == which]
-    for m in layers:
+    for _, m in layers:
         m.record_weights = True
     try:
-        out = fn()
-        weights = [jax.tree.leaves(nnx.pop(m, nnx.Intermediate))[0] for m in layers]
+        if hasattr(nnx, "capture"):  # newer Flax: intermediates are collected by a capture
+            out, captured = nnx.capture(lambda _: fn(), nnx.Intermediate)(model)
+            found = {tuple(k[:-1]): jax.tree.leaves(v)[0] for k, v in nnx.to_flat_state(captured)}
+            weights = [found[path] for path, _ in layers]
+        else:
+            out = fn()
+            weights = [jax.tree.leaves(nnx.pop(m, nnx.Intermediate))[0] for _, m in layers]
     finally:
-        for m in layers:
+        for _, m in layers:
             m.record_weights = False
     return out, weights
