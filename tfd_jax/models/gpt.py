@@ -107,7 +107,7 @@ class GPT(nnx.Module):
             h = self.final_norm(h)
         if self.lm_head is None:
             return self.tok_embed.attend(h, pad_multiple=self._vocab_pad())
-        out = ops.head_matmul(h, self.lm_head.kernel[...], "mv", self.config.compute_dtype, self._vocab_pad())
+        out = ops.head_matmul(h, self.lm_head.weight(), "mv", self.config.compute_dtype, self._vocab_pad())
         if self.lm_head.bias is not None:
             out = out + self.lm_head.bias[...].astype(jnp.float32)
         return out
@@ -169,7 +169,7 @@ class GPT(nnx.Module):
         dtype, pad = self.config.compute_dtype, self._vocab_pad()
         if self.lm_head is None:
             return ops.head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
-        return ops.head_cross_entropy(h, self.lm_head.kernel[...], "mv", dtype, targets, pad)
+        return ops.head_cross_entropy(h, self.lm_head.weight(), "mv", dtype, targets, pad)
 
     def check_input(self, tokens: jax.Array) -> None:
         """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""

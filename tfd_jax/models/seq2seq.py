@@ -328,7 +328,7 @@ class EncoderDecoder(nnx.Module):
         """(states, weight, layout) of the output head: the tied table (T5 scales the states by
         M^-0.5 first) or the separate head."""
         if self.lm_head is not None:
-            return h, self.lm_head.kernel[...], "mv"
+            return h, self.lm_head.weight(), "mv"
         if self.config.head_scale:
             h = h * jnp.asarray(self.config.d_model**-0.5, h.dtype)
         return h, self.tok_embed.embedding[...], "vm"

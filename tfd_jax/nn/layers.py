@@ -44,8 +44,19 @@ def init_pair(scheme: str, num_layers: int) -> tuple[Initializer, Initializer]:
     raise ValueError(f"unknown init scheme {scheme!r}; choose 'gpt2', 'bert' or 'xavier'")
 
 
+class LoRAParam(nnx.Param):
+    """A LoRA factor (Chapter 18, beyond the course): a parameter of its own type, so a filter can
+    train these alone and keep every other parameter frozen (see ``tfd_jax.nn.lora``)."""
+
+
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias`` with ``kernel: [d_in, d_out]`` (the course's row-vector convention)."""
+    """``y = x @ kernel + bias`` with ``kernel: [d_in, d_out]`` (the course's row-vector convention).
+
+    Optionally with LoRA factors (Chapter 18, beyond the course; attach them with
+    ``tfd_jax.nn.lora.add_lora``): ``lora_a [d_in, r]``, ``lora_b [r, d_out]`` and ``lora_scale``
+    ``alpha / r``; then the layer computes with :meth:`weight`, ``kernel + lora_scale * lora_a @ lora_b``,
+    while ``lora_enabled`` is True. A plain layer has ``lora_a = lora_b = None`` (no extra parameters).
+    """
 
     def __init__(
         self,
@@ -62,10 +73,63 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), (d_in, d_out), param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if use_bias else None
         self.dtype = dtype
+        self._clear_lora()
+
+    def _clear_lora(self) -> None:
+        # Declared as data, so LoRA factors can take these places later; None holds no parameter.
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 1.0
+        self.lora_enabled = True
+
+    def attach_lora(self, rank: int, alpha: float, *, rngs: nnx.Rngs) -> None:
+        """Give the layer LoRA factors of rank ``r = rank``, with the kernel's leading axes (a
+        stacked ``[L, d_in, d_out]`` kernel gets ``[L, d_in, r]`` and ``[L, r, d_out]``).
+
+        ``lora_a`` is drawn from ``N(0, 1/d_in)`` (fan-in scaling, as Kaiming's init: ``x @ lora_a``
+        keeps the scale of ``x``) and ``lora_b`` starts at zero, so the layer's output does not
+        change until ``lora_b`` is trained; ``lora_scale = alpha / r`` keeps the update's size
+        roughly independent of ``r``.
+        """
+        if self.lora_a is not None:
+            raise ValueError("this Linear already has LoRA factors")
+        w = self.kernel[...]
+        *lead, d_in, d_out = w.shape
+        init = nnx.initializers.normal(stddev=d_in**-0.5)
+        self.lora_a = LoRAParam(init(rngs.params(), (*lead, d_in, rank), w.dtype))
+        self.lora_b = LoRAParam(jnp.zeros((*lead, rank, d_out), w.dtype))
+        self.lora_scale = float(alpha) / rank
+        self.lora_enabled = True
+
+    def lora_delta(self) -> jax.Array:
+        """``lora_scale * lora_a @ lora_b``: ``[..., d_in, d_out]`` in the parameter dtype (full-precision matmul)."""
+        ab = jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
+        return jnp.asarray(self.lora_scale, ab.dtype) * ab
+
+    def weight(self) -> jax.Array:
+        """The effective kernel ``[..., d_in, d_out]`` in the parameter dtype: ``kernel``, plus the
+        LoRA update when the layer has one and it is enabled. Everything that computes with this
+        layer's kernel reads it here, so an adapter applies wherever the layer is used.
+
+        The update is folded into the kernel on every call (``r * d_in * d_out`` multiply-adds)
+        rather than run as a second path ``(x @ lora_a) @ lora_b``: the fused head and FFN
+        operations take one kernel, and for N tokens folding is the cheaper of the two once
+        ``N > d_in * d_out / (d_in + d_out)`` (half the width for a square kernel), as in training.
+        To decode with an adapter that no longer trains, fold it once with ``merge_lora``.
+        """
+        if self.lora_a is None or not self.lora_enabled:
+            return self.kernel[...]
+        return self.kernel[...] + self.lora_delta()
+
+    def fold_lora(self) -> None:
+        """Write the LoRA update into ``kernel`` and drop the factors (a plain layer again)."""
+        if self.lora_a is not None:
+            self.kernel[...] = (self.kernel[...] + self.lora_delta()).astype(self.kernel.dtype)
+        self._clear_lora()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: ``[..., d_in]`` -> ``[..., d_out]`` in the compute dtype."""
-        y = ops.dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = ops.dense(x.astype(self.dtype), self.weight().astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

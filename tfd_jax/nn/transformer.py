@@ -177,9 +177,9 @@ class FeedForward(nnx.Module):
         if self.w_gate is not None:
             return ops.gated_feed_forward(
                 x,
-                self.w_gate.kernel[...].astype(dtype),
-                self.w_in.kernel[...].astype(dtype),
-                self.w_out.kernel[...].astype(dtype),
+                self.w_gate.weight().astype(dtype),
+                self.w_in.weight().astype(dtype),
+                self.w_out.weight().astype(dtype),
                 self.activation,
             )
 
@@ -188,9 +188,9 @@ class FeedForward(nnx.Module):
 
         return ops.feed_forward(
             x,
-            self.w_in.kernel[...].astype(dtype),
+            self.w_in.weight().astype(dtype),
             b(self.w_in),
-            self.w_out.kernel[...].astype(dtype),
+            self.w_out.weight().astype(dtype),
             b(self.w_out),
             self.activation,
         )

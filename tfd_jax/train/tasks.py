@@ -302,7 +302,28 @@ def exact_match(model, tokenizer, run_dir, cfg, *, limit: int = 500, log=print, 
     return result
 
 
-TASKS: dict[str, type[Task]] = {"lm": LMTask, "mlm": MLMTask, "seq2seq": Seq2SeqTask}
+class _TaskTable(dict):
+    """Task name -> class. An entry may name its class as ``"module:Class"``: it is imported on
+    first use, so post-training tasks (``tfd_jax.posttrain``, which builds on this package) are
+    listed here without this package importing them."""
+
+    def __getitem__(self, name: str) -> type[Task]:
+        value = super().__getitem__(name)
+        if isinstance(value, str):
+            import importlib
+
+            module, _, cls = value.partition(":")
+            value = getattr(importlib.import_module(module), cls)
+            self[name] = value
+        return value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
+TASKS: dict[str, type[Task]] = _TaskTable(
+    lm=LMTask, mlm=MLMTask, seq2seq=Seq2SeqTask, sft="tfd_jax.posttrain.tasks:SFTTask",
+)
 
 
 def get_task(name: str) -> Task:
