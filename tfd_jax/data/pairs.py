@@ -23,7 +23,8 @@ from tfd_jax.data.corpora import Corpus, Document
 from tfd_jax.data.pipeline import _per_shard_batch, _read_options, _Tokens, resolve_shard
 from tfd_jax.data.tokenized import TokenFile
 
-__all__ = ["BUILTIN_PAIRS", "PairEncoder", "is_pairs", "load_pairs", "make_pairs_iterator", "number_to_words"]
+__all__ = ["BUILTIN_PAIRS", "PairEncoder", "documents_iterator", "is_pairs", "load_pairs", "make_pairs_iterator",
+           "number_to_words"]
 
 #: what separates source from target in a pair document's text
 SEPARATOR = "\t"
@@ -184,14 +185,23 @@ def make_pairs_iterator(data: TokenFile, *, batch_size: int, src_len: int, tgt_l
     ``targets`` int32 ``[B, T]`` (the target and its eos) and ``mask`` bool ``[B, T]`` (True on
     real target tokens). Longer sources and targets are cut at ``S`` and ``T``.
     """
+    read = _ReadPair(data.tokens, data.offsets, src_len, tgt_len, sep_id, pad_id, start_id)
+    return documents_iterator(data, read, batch_size=batch_size, seed=seed, shard_index=shard_index,
+                              shard_count=shard_count)
+
+
+def documents_iterator(data: TokenFile, read, *, batch_size: int, seed: int, shard_index: int | None = None,
+                       shard_count: int | None = None, what: str = "pairs") -> grain.DatasetIterator:
+    """Batches of whole documents of ``data`` (one example each), shuffled with ``seed`` and repeated
+    forever, checkpointable: ``read(document index) -> dict of fixed-shape arrays`` makes each
+    example. Process ``p`` of ``P`` takes every ``P``-th document of the shuffled order."""
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     rows = _per_shard_batch(batch_size, shard_count)
     n = data.num_documents
     if n < batch_size:
-        raise ValueError(f"{data.path} holds {n} pairs, fewer than one batch of {batch_size}; use a smaller --batch-size")
+        raise ValueError(f"{data.path} holds {n} {what}, fewer than one batch of {batch_size}; use a smaller --batch-size")
     ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)[shard_index::shard_count]
-          .map(_ReadPair(data.tokens, data.offsets, src_len, tgt_len, sep_id, pad_id, start_id))
-          .to_iter_dataset(_read_options()).batch(rows, drop_remainder=True))
+          .map(read).to_iter_dataset(_read_options()).batch(rows, drop_remainder=True))
     return iter(ds)
 
 

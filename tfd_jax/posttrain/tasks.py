@@ -1,4 +1,5 @@
-"""Post-training tasks for the one ``Trainer`` (Chapter 18): supervised fine-tuning on conversations.
+"""Post-training tasks for the one ``Trainer`` (Chapter 18): supervised fine-tuning on conversations,
+and Direct Preference Optimisation on preference pairs.
 
 ``SFTTask`` (``tfd-jax train --task sft``) is next-token training with two differences:
 
@@ -13,32 +14,48 @@ and enthusiastic only 20% of the time); a ``.jsonl`` file of ``{"messages": [...
 other choice (every tenth conversation held out). Start from a pretrained run with ``--init-from``
 (its tokenizer must hold the chat markers). At the end of a run on the built-in task, answers
 sampled for held-out prompts are scored by the task's hidden rule (``rule_score`` in the summary).
+
+``DPOTask`` (``tfd-jax train --task dpo``, beyond the course) learns from pairs ``(prompt, chosen,
+rejected)`` directly, without a reward model: the policy starts from the run's starting weights and a
+frozen copy of them is the reference (``Task.frozen``: sharded like the policy, no optimizer state,
+reloaded from ``--init-from`` on resume). Each step computes both answers' summed log-probabilities
+under the policy and the reference and applies ``losses.dpo_loss``; ``dpo_loss``, the preference
+accuracy of the implied rewards and their margin go to ``metrics.jsonl``. ``--data prefs`` is the
+built-in task's pairs (a rule-labelled, 10%-noisy rater), or a ``.jsonl`` file of
+``{"prompt", "chosen", "rejected"}`` lines.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from tfd_jax.posttrain.data import (
     CHAT_SPECIAL_TOKENS,
     assistant_token_mask,
     builtin_charset,
+    builtin_preference_pairs,
     builtin_prompts,
     builtin_sft_conversations,
     chat_token_ids,
     load_chats,
+    load_preference_pairs,
     render_prompt,
     rule_score,
 )
-from tfd_jax.train.tasks import LMTask
+from tfd_jax.posttrain.losses import dpo_loss
+from tfd_jax.train.tasks import LMTask, Task
 
-__all__ = ["SFTTask", "chat_text", "sample_rule_score"]
+__all__ = ["DPOTask", "SFTTask", "chat_text", "sample_rule_score"]
 
 #: the special tokens of a chat model's tokenizer: padding, end of document, the chat markers
 CHAT_TOKENIZER_SPECIALS = ("<pad>", "</s>", *CHAT_SPECIAL_TOKENS)
-#: ``--data`` naming the built-in conversations
+#: ``--data`` naming the built-in conversations and preference pairs
 BUILTIN_CHAT = "chat"
+BUILTIN_PREFS = "prefs"
 
 
 def chat_text(messages) -> str:
@@ -78,9 +95,11 @@ class SFTTask(LMTask):
             raise ValueError(f"--task sft reads conversations: --data {BUILTIN_CHAT} (built in) or a .jsonl file of "
                              f'{{"messages": [...]}} lines, not {cfg.data!r}')
         docs = [Document(str(i), chat_text(c)) for i, c in enumerate(chats)]
-        if cfg.data == BUILTIN_CHAT and split == "train":  # every character the task can write has an id
-            docs.append(Document("charset", builtin_charset()))
         return Corpus(spec=cfg.data, split=split, documents=tuple(docs))
+
+    def tokenizer_text(self, cfg, text: str) -> str:
+        # every character the built-in task can write gets an id, seen in its data or not
+        return text + builtin_charset() if cfg.data in (BUILTIN_CHAT, BUILTIN_PREFS) else text
 
     def iterator(self, cfg, tokens, tokenizer, *, seed):
         from tfd_jax.data.pipeline import make_iterator
@@ -121,3 +140,110 @@ def sample_rule_score(model, tokenizer, prompts: list[str], *, seed: int = 0, te
         if log is not None and k < show:
             log(f"  {prompt!r} -> {answer!r} (score {scores[-1]})")
     return float(sum(scores) / len(scores))
+
+
+def _pair_text(prompt: str, chosen: str, rejected: str) -> str:
+    """A preference pair as one document: the prompt in the chat template up to the assistant's
+    opener, then each answer closed by ``<|end|>`` (chosen first)."""
+    return f"<|user|>{prompt}<|end|><|assistant|>{chosen}<|end|>{rejected}<|end|>"
+
+
+class _ReadPreference:
+    """Document index -> the chosen and the rejected conversation as next-token rows of ``T``:
+    ``{side}_tokens``, ``{side}_targets`` int32 ``[T]`` and ``{side}_mask`` bool ``[T]`` (True on
+    the answer's targets, its ``<|end|>`` included), for ``side`` in chosen / rejected."""
+
+    def __init__(self, tokens, offsets, seq_len: int, assistant_id: int, end_id: int, pad_id: int):
+        from tfd_jax.data.pipeline import _Tokens
+
+        self.tokens, self.offsets = _Tokens(tokens), np.asarray(offsets, np.int64)
+        self.T, self.assistant_id, self.end_id, self.pad_id = seq_len, assistant_id, end_id, pad_id
+
+    def __call__(self, doc: int) -> dict:
+        d = np.asarray(self.tokens.array[self.offsets[doc]:self.offsets[doc + 1]], np.int32)
+        opener = int(np.argmax(d == self.assistant_id))
+        ends = np.flatnonzero(d[opener:] == self.end_id) + opener
+        prompt, chosen, rejected = d[: opener + 1], d[opener + 1: ends[0] + 1], d[ends[0] + 1: ends[1] + 1]
+        out = {}
+        for side, answer in (("chosen", chosen), ("rejected", rejected)):
+            seq = np.concatenate([prompt, answer])[: self.T + 1]
+            row = np.full(self.T + 1, self.pad_id, np.int32)
+            row[: seq.size] = seq
+            t = np.arange(self.T)
+            out[f"{side}_tokens"], out[f"{side}_targets"] = row[:-1], row[1:]
+            out[f"{side}_mask"] = (t >= prompt.size - 1) & (t < seq.size - 1)
+        return out
+
+
+class DPOTask(Task):
+    """Direct Preference Optimisation (Rafailov et al. 2023; Chapter 18's preference step without a
+    reward model or PPO, beyond the course); see the module notes."""
+
+    name = "dpo"
+    arch = "gpt"
+    special_tokens = CHAT_TOKENIZER_SPECIALS
+    cli_defaults = {"data": BUILTIN_PREFS, "tokenizer": "char", "seq_len": 64, "steps": 200, "lr": 1e-4,
+                    "min_lr": 1e-4, "warmup": 0, "weight_decay": 0.0, "samples": 0, "dropout": 0.0}
+
+    def __init__(self, beta: float = 0.1, variant: str = "sigmoid", label_smoothing: float = 0.0,
+                 pairs: int = 4000, eval_prompts: int = 200):
+        self.beta, self.variant, self.label_smoothing = beta, variant, label_smoothing
+        self.pairs, self.eval_prompts = pairs, eval_prompts
+
+    def setup(self, tokenizer, model_config) -> None:
+        marks = chat_token_ids(tokenizer)
+        self.assistant_id, self.end_id = marks["assistant"], marks["end"]
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def corpus(self, cfg, split, max_bytes):
+        from tfd_jax.data.corpora import Corpus, Document
+
+        if cfg.data == BUILTIN_PREFS:
+            n = self.pairs if split == "train" else max(self.pairs // 10, 1)
+            pairs = builtin_preference_pairs(split, n=n, seed=cfg.seed)
+        elif Path(cfg.data).suffix.lower() == ".jsonl":
+            every = load_preference_pairs(cfg.data)
+            pairs = [p for i, p in enumerate(every) if (i % 10 == 9) == (split == "val")]
+            if not pairs:
+                raise ValueError(f"{cfg.data} has too few pairs for a {split} split (every tenth is held out)")
+        else:
+            raise ValueError(f"--task {self.name} reads preference pairs: --data {BUILTIN_PREFS} (built in) or a .jsonl "
+                             f'file of {{"prompt", "chosen", "rejected"}} lines, not {cfg.data!r}')
+        docs = [Document(str(i), _pair_text(p.prompt, p.chosen, p.rejected)) for i, p in enumerate(pairs)]
+        return Corpus(spec=cfg.data, split=split, documents=tuple(docs))
+
+    tokenizer_text = SFTTask.tokenizer_text
+
+    def iterator(self, cfg, tokens, tokenizer, *, seed):
+        from tfd_jax.data.pairs import documents_iterator
+
+        self.setup(tokenizer, None)
+        read = _ReadPreference(tokens.tokens, tokens.offsets, cfg.seq_len, self.assistant_id, self.end_id, self.pad_id)
+        return documents_iterator(tokens, read, batch_size=cfg.batch_size, seed=seed, what="preference pairs")
+
+    def frozen(self, params, fixed):
+        return nnx.merge_state(params, fixed) if jax.tree.leaves(fixed) else params
+
+    def loss_fn(self, model, batch, frozen):
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        reference = nnx.merge(graphdef, frozen, rest)
+        reference.eval()
+
+        def answer_logp(m, side):
+            losses = m.token_losses(batch[f"{side}_tokens"], batch[f"{side}_targets"])
+            return -jnp.sum(losses * batch[f"{side}_mask"], axis=-1)
+
+        pc, pr = answer_logp(model, "chosen"), answer_logp(model, "rejected")
+        rc, rr = (jax.lax.stop_gradient(answer_logp(reference, side)) for side in ("chosen", "rejected"))
+        losses = dpo_loss(pc, pr, rc, rr, beta=self.beta, variant=self.variant, label_smoothing=self.label_smoothing)
+        margin = self.beta * ((pc - rc) - (pr - rr))
+        return jnp.sum(losses), jnp.float32(losses.shape[0]), {
+            "dpo_loss": jnp.sum(losses), "preference_accuracy": jnp.sum(margin > 0), "reward_margin": jnp.sum(margin)}
+
+    def final_metrics(self, model, tokenizer, run_dir, cfg, log) -> dict | None:
+        if cfg.data != BUILTIN_PREFS:
+            return None
+        score = sample_rule_score(model, tokenizer, builtin_prompts("val", n=self.eval_prompts, seed=cfg.seed + 1),
+                                  seed=cfg.seed, log=log)
+        log(f"held-out rule score of sampled answers: {score:.3f} ({self.eval_prompts} prompts)")
+        return {"rule_score": score}

@@ -283,7 +283,7 @@ def _prepare_data(cfg: TrainConfig, task: Task, directory: Path, log, tokenizer=
     # text); BPE and sentencepiece fall back to bytes, so they see only training text.
     text = train_corpus.text + (val_corpus.text if cfg.tokenizer == "char" else "")
     if tokenizer is None:
-        tokenizer = _train_tokenizer(cfg, text, task.special_tokens)
+        tokenizer = _train_tokenizer(cfg, task.tokenizer_text(cfg, text), task.special_tokens)
     tokenizer.save(directory / ckpt.TOKENIZER_DIR)
     encoder = task.token_encoder(tokenizer)
     train_tf = write_tokens(train_corpus, encoder, directory / "data" / "train", progress=cfg.progress)
@@ -409,6 +409,7 @@ class _Model:
     num_params: int
     num_embed: int  # token, position and segment tables
     num_matmul: int  # parameters in matrix products (MFU): all but the lookup tables; a tied table counts once
+    frozen: Any = None  # trees the loss reads but never trains (a reference model), sharded like the params
 
 
 def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
@@ -431,7 +432,9 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
 
     with jax.set_mesh(mesh):
         params, fixed, rest = init_params_and_rest()
-    if cfg.init_from and not cfg.resume:
+    # A task with a frozen copy of the starting weights (a reference model) needs them on resume too.
+    wants_frozen = type(task).frozen is not Task.frozen
+    if cfg.init_from and (not cfg.resume or wants_frozen):
         from tfd_jax.train.init import load_weights
 
         params, fixed = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, params, fixed, rest, (p_sh, f_sh))
@@ -454,8 +457,11 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
     state_sh = _state_shardings(abstract_state, optimizer, p_sh, shd.replicated(mesh), f_sh)
     state = jax.jit(new_state, out_shardings=state_sh)(params, fixed)
     tags = rng_tags(abstract_model) if _has_dropout(model_cfg) else ()
+    frozen = task.frozen(params, fixed) if wants_frozen else None
+    if frozen is not None:  # its own buffers: the training state's are donated step by step
+        frozen = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(frozen)
     return _Model(graphdef, rest, state, state_sh, (p_sh, f_sh), abstract_state, new_state, optimizer, schedule, tags,
-                  n_params, n_embed, n_matmul)
+                  n_params, n_embed, n_matmul, frozen)
 
 
 def _restore(run: _Run, task: Task, m: _Model, checkpointer, log, is_main: bool):
@@ -517,14 +523,16 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
         dropout_tags=m.dropout_tags,
         fp16=run.precision == "fp16",
     )
+    frozen_sh = rep if m.frozen is None else jax.tree.map(lambda x: x.sharding, m.frozen)
     step_fn = jax.jit(
         train_step,
-        in_shardings=(m.state_sh, shd.batch_sharding(mesh), rep),
+        in_shardings=(m.state_sh, shd.batch_sharding(mesh), rep, frozen_sh),
         out_shardings=(m.state_sh, rep),
         donate_argnums=0,
     )
     eval_fn = jax.jit(make_eval_step(m.graphdef, m.rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
-                      in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh)))
+                      in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh),
+                                    frozen_sh))
     return step_fn, eval_fn
 
 
@@ -549,6 +557,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     if start_step >= cfg.steps:
         log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
     step_fn, eval_fn = _compile(run, task, m, mesh)
+    frozen = m.frozen
 
     matmul = m.num_matmul
     fpt = mx.flops_per_token(matmul, model_cfg.num_layers, model_cfg.d_model, cfg.seq_len)
@@ -601,7 +610,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                 profiling = True
             local = next(data_it)
             batch = shd.global_batch(local, mesh)
-            state, m = step_fn(state, batch, poison_nan if (step + 1) in cfg.debug_nan_steps else poison_one)
+            state, m = step_fn(state, batch, poison_nan if (step + 1) in cfg.debug_nan_steps else poison_one, frozen)
             step += 1
             pending.append((step, m))
             if profiling and (step >= start_step + 2 + cfg.profile_steps or step == cfg.steps):
@@ -658,7 +667,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             if streak >= cfg.max_nonfinite_streak:
                 raise RunFailed(_diverged_message(step, streak, checkpointer))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                val_loss, val_metrics = _evaluate(cfg, task, tokenizer, eval_fn, state, val_tokens, mesh)
+                val_loss, val_metrics = _evaluate(cfg, task, tokenizer, eval_fn, state, val_tokens, mesh, frozen)
                 record["val_loss"] = val_loss
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
             if log_now:  # (a checkpoint step only checks the counters above; it logs nothing)
@@ -784,14 +793,15 @@ def _iterator_save(it):
     return IteratorSave(it)
 
 
-def _evaluate(cfg: TrainConfig, task: Task, tokenizer, eval_fn, state, val_tokens, mesh) -> tuple[float, dict]:
+def _evaluate(cfg: TrainConfig, task: Task, tokenizer, eval_fn, state, val_tokens, mesh,
+              frozen=None) -> tuple[float, dict]:
     """Mean validation loss (and the task's metrics) over ``eval_batches`` fixed batches (the same
     ones every time)."""
     it = task.iterator(cfg, val_tokens, tokenizer, seed=cfg.seed + VAL_SEED_OFFSET)
     total, count, sums = 0.0, 0.0, {}
     fixed = state.get("fixed", nnx.State({}))
     for _ in range(cfg.eval_batches):
-        s, c, extra = jax.device_get(eval_fn(state["params"], fixed, shd.global_batch(next(it), mesh)))
+        s, c, extra = jax.device_get(eval_fn(state["params"], fixed, shd.global_batch(next(it), mesh), frozen))
         total, count = total + float(s), count + float(c)
         for k, v in extra.items():
             sums[k] = sums.get(k, 0.0) + float(v)

@@ -15,9 +15,12 @@ The :class:`~tfd_jax.train.loop.Trainer` runs any task; a task says
 - the data: ``corpus(cfg, split, max_bytes)`` (the text documents; ``--data`` through
   ``tfd_jax.data.load_corpus`` by default), ``token_encoder(tokenizer)`` (what writes them into the
   run's token files), ``iterator(cfg, tokens, tokenizer, seed=)`` (the batches; windows of
-  ``seq_len`` by default) and ``model_fields(tokenizer)`` (model config fields its ids decide);
+  ``seq_len`` by default), ``tokenizer_text(cfg, text)`` (what a new tokenizer learns from) and
+  ``model_fields(tokenizer)`` (model config fields its ids decide);
 - ``final_metrics(model, tokenizer, run_dir, cfg, log)``: figures measured once at the end of a run
-  (merged into the summary).
+  (merged into the summary);
+- ``frozen(params, fixed)``: trees the loss reads but never trains (a reference model), made from
+  the starting weights.
 
 By default batches come from the run's token files as ``{"tokens", "targets", "mask"}`` (int
 ``[B, T]``, int ``[B, T]``, bool ``[B, T]``; see ``tfd_jax.data.pipeline``). Next-token LM, masked-LM
@@ -76,6 +79,13 @@ class Task:
         """Measured once at the end of a run (merged into the summary); None: nothing."""
         return None
 
+    def frozen(self, params, fixed):
+        """Trees the loss reads but never trains, made once from the starting weights (``params``
+        and ``fixed``, after ``--init-from``) and passed to ``loss_fn`` as ``frozen``: e.g. a
+        reference model. Kept sharded like the parameters, with no optimizer state. Override it
+        only when needed (the Trainer then also reloads ``--init-from``'s weights on resume)."""
+        return None
+
     # -- data ------------------------------------------------------------------------------------
 
     def corpus(self, cfg, split: str, max_bytes: int | None):
@@ -87,6 +97,10 @@ class Task:
     def token_encoder(self, tokenizer):
         """What turns the documents into the run's token files (anything with ``encode_batch``)."""
         return tokenizer
+
+    def tokenizer_text(self, cfg, text: str) -> str:
+        """The text a new run's tokenizer is trained on (the training documents by default)."""
+        return text
 
     def model_fields(self, tokenizer) -> dict:
         """Model config fields decided by the run's tokenizer (e.g. an encoder-decoder's pad id)."""
@@ -323,6 +337,7 @@ class _TaskTable(dict):
 
 TASKS: dict[str, type[Task]] = _TaskTable(
     lm=LMTask, mlm=MLMTask, seq2seq=Seq2SeqTask, sft="tfd_jax.posttrain.tasks:SFTTask",
+    dpo="tfd_jax.posttrain.tasks:DPOTask",
 )
 
 
