@@ -64,6 +64,26 @@ def chat_text(messages) -> str:
     return "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
 
 
+def _examples_corpus(cfg, split: str, builtin: str, what: str, line_form: str, make_builtin, count: int, load,
+                     as_text):
+    """One split of a post-training dataset as a corpus of documents, one example each: the
+    built-in task's (``count`` for train, a tenth of it held out) or a JSONL file's (every tenth
+    example held out), each written as text in the chat template by ``as_text``."""
+    from tfd_jax.data.corpora import Corpus, Document
+
+    if cfg.data == builtin:
+        examples = make_builtin(count if split == "train" else max(count // 10, 1))
+    elif Path(cfg.data).suffix.lower() == ".jsonl":
+        examples = [e for i, e in enumerate(load(cfg.data)) if (i % 10 == 9) == (split == "val")]
+        if not examples:
+            raise ValueError(f"{cfg.data} has too few {what} for a {split} split (every tenth is held out)")
+    else:
+        raise ValueError(f"--task {cfg.task} reads {what}: --data {builtin} (built in) or a .jsonl file of "
+                         f"{line_form} lines, not {cfg.data!r}")
+    docs = [Document(str(i), as_text(e)) for i, e in enumerate(examples)]
+    return Corpus(spec=cfg.data, split=split, documents=tuple(docs))
+
+
 class SFTTask(LMTask):
     """Supervised fine-tuning on conversations (Chapter 18); see the module notes."""
 
@@ -81,21 +101,9 @@ class SFTTask(LMTask):
         self.assistant_id, self.end_id = marks["assistant"], marks["end"]
 
     def corpus(self, cfg, split, max_bytes):
-        from tfd_jax.data.corpora import Corpus, Document
-
-        if cfg.data == BUILTIN_CHAT:
-            n = self.conversations if split == "train" else max(self.conversations // 10, 1)
-            chats = builtin_sft_conversations(split, n=n, seed=cfg.seed)
-        elif Path(cfg.data).suffix.lower() == ".jsonl":
-            every = load_chats(cfg.data)
-            chats = [c for i, c in enumerate(every) if (i % 10 == 9) == (split == "val")]
-            if not chats:
-                raise ValueError(f"{cfg.data} has too few conversations for a {split} split (every tenth is held out)")
-        else:
-            raise ValueError(f"--task sft reads conversations: --data {BUILTIN_CHAT} (built in) or a .jsonl file of "
-                             f'{{"messages": [...]}} lines, not {cfg.data!r}')
-        docs = [Document(str(i), chat_text(c)) for i, c in enumerate(chats)]
-        return Corpus(spec=cfg.data, split=split, documents=tuple(docs))
+        return _examples_corpus(cfg, split, BUILTIN_CHAT, "conversations", '{"messages": [...]}',
+                                lambda n: builtin_sft_conversations(split, n=n, seed=cfg.seed), self.conversations,
+                                load_chats, chat_text)
 
     def tokenizer_text(self, cfg, text: str) -> str:
         # every character the built-in task can write gets an id, seen in its data or not
@@ -196,21 +204,9 @@ class DPOTask(Task):
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     def corpus(self, cfg, split, max_bytes):
-        from tfd_jax.data.corpora import Corpus, Document
-
-        if cfg.data == BUILTIN_PREFS:
-            n = self.pairs if split == "train" else max(self.pairs // 10, 1)
-            pairs = builtin_preference_pairs(split, n=n, seed=cfg.seed)
-        elif Path(cfg.data).suffix.lower() == ".jsonl":
-            every = load_preference_pairs(cfg.data)
-            pairs = [p for i, p in enumerate(every) if (i % 10 == 9) == (split == "val")]
-            if not pairs:
-                raise ValueError(f"{cfg.data} has too few pairs for a {split} split (every tenth is held out)")
-        else:
-            raise ValueError(f"--task {self.name} reads preference pairs: --data {BUILTIN_PREFS} (built in) or a .jsonl "
-                             f'file of {{"prompt", "chosen", "rejected"}} lines, not {cfg.data!r}')
-        docs = [Document(str(i), _pair_text(p.prompt, p.chosen, p.rejected)) for i, p in enumerate(pairs)]
-        return Corpus(spec=cfg.data, split=split, documents=tuple(docs))
+        return _examples_corpus(cfg, split, BUILTIN_PREFS, "preference pairs", '{"prompt", "chosen", "rejected"}',
+                                lambda n: builtin_preference_pairs(split, n=n, seed=cfg.seed), self.pairs,
+                                load_preference_pairs, lambda p: _pair_text(p.prompt, p.chosen, p.rejected))
 
     tokenizer_text = SFTTask.tokenizer_text
 
