@@ -14,14 +14,17 @@ from flax import nnx
 from tfd_jax.models.bert import Bert, BertConfig
 from tfd_jax.models.config import GPTConfig
 from tfd_jax.models.gpt import GPT
+from tfd_jax.models.reward import RewardModel
 from tfd_jax.models.seq2seq import EncoderDecoder, Seq2SeqConfig
 
 ARCHS: dict[str, tuple[type, type]] = {
     "gpt": (GPTConfig, GPT), "bert": (BertConfig, Bert), "transformer": (Seq2SeqConfig, EncoderDecoder),
     "t5": (Seq2SeqConfig, EncoderDecoder), "bart": (Seq2SeqConfig, EncoderDecoder),
+    "reward": (GPTConfig, RewardModel),  # a GPT with a scalar head (Chapter 18)
 }
 #: the preset a run uses when it names none
-DEFAULT_PRESET = {"gpt": "small", "bert": "tiny", "transformer": "tiny", "t5": "t5-tiny", "bart": "bart-tiny"}
+DEFAULT_PRESET = {"gpt": "small", "bert": "tiny", "transformer": "tiny", "t5": "t5-tiny", "bart": "bart-tiny",
+                  "reward": "small"}
 
 
 def _family(arch: str):
@@ -60,6 +63,8 @@ def build(arch: str, config, rngs: nnx.Rngs) -> nnx.Module:
 
 def arch_of(model_or_config) -> str:
     """The architecture name of a model or a model config."""
+    if isinstance(model_or_config, RewardModel):
+        return "reward"
     if isinstance(model_or_config, (Seq2SeqConfig, EncoderDecoder)):
         return model_or_config.config.family if isinstance(model_or_config, EncoderDecoder) else model_or_config.family
     for name, (cfg_cls, model_cls) in ARCHS.items():

@@ -49,7 +49,7 @@ from tfd_jax.posttrain.data import (
 from tfd_jax.posttrain.losses import dpo_loss
 from tfd_jax.train.tasks import LMTask, Task
 
-__all__ = ["DPOTask", "SFTTask", "chat_text", "sample_rule_score"]
+__all__ = ["DPOTask", "RewardTask", "SFTTask", "chat_text", "sample_rule_score"]
 
 #: the special tokens of a chat model's tokenizer: padding, end of document, the chat markers
 CHAT_TOKENIZER_SPECIALS = ("<pad>", "</s>", *CHAT_SPECIAL_TOKENS)
@@ -180,23 +180,15 @@ class _ReadPreference:
             t = np.arange(self.T)
             out[f"{side}_tokens"], out[f"{side}_targets"] = row[:-1], row[1:]
             out[f"{side}_mask"] = (t >= prompt.size - 1) & (t < seq.size - 1)
+            out[f"{side}_length"] = np.int32(min(seq.size, self.T))  # real tokens of row[:-1] (a reward model's input)
         return out
 
 
-class DPOTask(Task):
-    """Direct Preference Optimisation (Rafailov et al. 2023; Chapter 18's preference step without a
-    reward model or PPO, beyond the course); see the module notes."""
+class _PreferenceTask(Task):
+    """What the tasks trained on preference pairs share: their data (see :class:`_ReadPreference`)."""
 
-    name = "dpo"
-    arch = "gpt"
     special_tokens = CHAT_TOKENIZER_SPECIALS
-    cli_defaults = {"data": BUILTIN_PREFS, "tokenizer": "char", "seq_len": 64, "steps": 200, "lr": 1e-4,
-                    "min_lr": 1e-4, "warmup": 0, "weight_decay": 0.0, "samples": 0, "dropout": 0.0}
-
-    def __init__(self, beta: float = 0.1, variant: str = "sigmoid", label_smoothing: float = 0.0,
-                 pairs: int = 4000, eval_prompts: int = 200):
-        self.beta, self.variant, self.label_smoothing = beta, variant, label_smoothing
-        self.pairs, self.eval_prompts = pairs, eval_prompts
+    pairs = 4000
 
     def setup(self, tokenizer, model_config) -> None:
         marks = chat_token_ids(tokenizer)
@@ -216,6 +208,21 @@ class DPOTask(Task):
         self.setup(tokenizer, None)
         read = _ReadPreference(tokens.tokens, tokens.offsets, cfg.seq_len, self.assistant_id, self.end_id, self.pad_id)
         return documents_iterator(tokens, read, batch_size=cfg.batch_size, seed=seed, what="preference pairs")
+
+
+class DPOTask(_PreferenceTask):
+    """Direct Preference Optimisation (Rafailov et al. 2023; Chapter 18's preference step without a
+    reward model or PPO, beyond the course); see the module notes."""
+
+    name = "dpo"
+    arch = "gpt"
+    cli_defaults = {"data": BUILTIN_PREFS, "tokenizer": "char", "seq_len": 64, "steps": 200, "lr": 1e-4,
+                    "min_lr": 1e-4, "warmup": 0, "weight_decay": 0.0, "samples": 0, "dropout": 0.0}
+
+    def __init__(self, beta: float = 0.1, variant: str = "sigmoid", label_smoothing: float = 0.0,
+                 pairs: int = 4000, eval_prompts: int = 200):
+        self.beta, self.variant, self.label_smoothing = beta, variant, label_smoothing
+        self.pairs, self.eval_prompts = pairs, eval_prompts
 
     def frozen(self, params, fixed):
         return nnx.merge_state(params, fixed) if jax.tree.leaves(fixed) else params
@@ -243,3 +250,30 @@ class DPOTask(Task):
                                   seed=cfg.seed, log=log)
         log(f"held-out rule score of sampled answers: {score:.3f} ({self.eval_prompts} prompts)")
         return {"rule_score": score}
+
+
+class RewardTask(_PreferenceTask):
+    """The reward model of Chapter 18 (``tfd-jax train --task reward``): a :class:`RewardModel`
+    (a GPT with a scalar head) learns to score the chosen answer of each pair above the rejected one
+    (``losses.reward_model_loss``, Bradley-Terry). ``--init-from`` a GPT run (e.g. the SFT model)
+    starts its backbone; the head starts fresh. Logs ``pairwise_accuracy`` (held out:
+    ``val_pairwise_accuracy``) and the mean ``reward_margin``."""
+
+    name = "reward"
+    arch = "reward"
+    init_archs = ("gpt",)  # --init-from a language model: its blocks, a new head
+    fresh_params = ("value_head",)
+    cli_defaults = {"data": BUILTIN_PREFS, "tokenizer": "char", "seq_len": 64, "steps": 200, "lr": 3e-3,
+                    "min_lr": 3e-4, "weight_decay": 0.0, "samples": 0}
+
+    def __init__(self, margin: float | None = None, pairs: int = 4000):
+        self.margin, self.pairs = margin, pairs
+
+    def loss_fn(self, model, batch, frozen):
+        from tfd_jax.posttrain.losses import reward_model_loss
+
+        rc = model.score(batch["chosen_tokens"], batch["chosen_length"])
+        rr = model.score(batch["rejected_tokens"], batch["rejected_length"])
+        losses = reward_model_loss(rc, rr, margin=self.margin)
+        return jnp.sum(losses), jnp.float32(losses.shape[0]), {
+            "reward_loss": jnp.sum(losses), "pairwise_accuracy": jnp.sum(rc > rr), "reward_margin": jnp.sum(rc - rr)}

@@ -17,14 +17,14 @@ def register(subparsers) -> None:
         help="train a model (default: a small GPT on the Python standard library, a few minutes on a CPU; --task mlm: a BERT)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default=d.task, choices=["lm", "mlm", "seq2seq", "sft", "dpo"],
+    p.add_argument("--task", default=d.task, choices=["lm", "mlm", "seq2seq", "sft", "dpo", "reward"],
                    help="the objective: next-token language modelling (GPT), masked-LM pre-training (BERT), "
                         "encoder-decoder training (pairs such as --data numbers, or span corruption of a text corpus), "
                         "or supervised fine-tuning on conversations (--data chat: the built-in task, or a JSONL file "
                         "of {\"messages\": [...]}; Chapter 18), or DPO on preference pairs (--data prefs, or a JSONL file of "
                         "{\"prompt\", \"chosen\", \"rejected\"}; starts from --init-from's weights, a frozen copy of them "
-                        "is the reference)")
-    p.add_argument("--arch", default=None, choices=["gpt", "bert", "transformer", "t5", "bart"],
+                        "is the reference), or a reward model on the same pairs (a GPT with a scalar head)")
+    p.add_argument("--arch", default=None, choices=["gpt", "bert", "transformer", "t5", "bart", "reward"],
                    help="the model family (default: the task's: gpt, bert, transformer)")
     p.add_argument("--preset", default=None,
                    help="model preset: GPT course, tiny, small (default), mini, gpt2, llama-tiny, ...; BERT tiny (default), "

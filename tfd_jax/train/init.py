@@ -124,9 +124,11 @@ def check_model_config(path: str, source_cfg, model_cfg) -> None:
                             f"({shown}); only {', '.join(sorted(FREE_FIELDS))} may differ")
 
 
-def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest, shardings):
+def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest, shardings, *, fresh=(), log=None):
     """The parameters of ``--init-from``, placed like ``params`` and ``fixed`` (the freshly
-    initialised trees, whose paths and shapes they must match): ``(params, fixed)``."""
+    initialised trees, whose paths and shapes they must match): ``(params, fixed)``. Parameters under
+    the top-level names in ``fresh`` (a task's new head) may be missing there and keep their fresh
+    values."""
     from tfd_jax import interop
     from tfd_jax.nn import with_layout
     from tfd_jax.train import checkpoint as ckpt
@@ -140,10 +142,14 @@ def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest,
         model = getattr(interop, HF_FAMILIES[model_type][1])(source.path)
     model = with_layout(model, scan_layers=model_cfg.scan_layers)
     loaded = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    out = []
+    out, kept = [], set()
     for tree, sharding in zip((params, fixed), shardings):
         flat = []
         for key, var in nnx.to_flat_state(tree):
+            if key not in loaded and key[0] in fresh:
+                kept.add(str(key[0]))
+                flat.append((key, var))
+                continue
             if key not in loaded:
                 raise TrainingError(f"--init-from {path}: the source has no parameter {'/'.join(map(str, key))}")
             value = loaded[key].get_value()
@@ -152,4 +158,6 @@ def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest,
                                     f"{var.get_value().shape} here")
             flat.append((key, var.replace(value=value.astype(var.get_value().dtype))))
         out.append(jax.device_put(nnx.from_flat_state(flat), sharding))
+    if kept and log is not None:
+        log(f"--init-from {path} has no {', '.join(sorted(kept))}: freshly initialised")
     return tuple(out)

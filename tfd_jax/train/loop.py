@@ -169,7 +169,7 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
         from tfd_jax.train.init import open_source
 
         source = open_source(cfg.init_from)  # read-only: every process
-        if source.arch != arch:
+        if source.arch != arch and source.arch not in task.init_archs:
             raise TrainingError(f"--init-from {cfg.init_from} holds a {source.arch} model, and --task {task.name} "
                                 f"trains a {arch}")
     # bad model settings fail here, before any data is read
@@ -437,7 +437,8 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
     if cfg.init_from and (not cfg.resume or wants_frozen):
         from tfd_jax.train.init import load_weights
 
-        params, fixed = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, params, fixed, rest, (p_sh, f_sh))
+        params, fixed = load_weights(cfg.init_from, run.arch, model_cfg, graphdef, params, fixed, rest, (p_sh, f_sh),
+                                     fresh=task.fresh_params, log=log)
         log(f"initialised from {cfg.init_from}")
     n_params = sum(int(x.size) for x in jax.tree.leaves((params, fixed)))
     sizes = {}
@@ -526,12 +527,12 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
     frozen_sh = rep if m.frozen is None else jax.tree.map(lambda x: x.sharding, m.frozen)
     step_fn = jax.jit(
         train_step,
-        in_shardings=(m.state_sh, shd.batch_sharding(mesh), rep, frozen_sh),
+        in_shardings=(m.state_sh, shd.batch_sharding(mesh, 1), rep, frozen_sh),
         out_shardings=(m.state_sh, rep),
         donate_argnums=0,
     )
     eval_fn = jax.jit(make_eval_step(m.graphdef, m.rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
-                      in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh),
+                      in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh, 1),
                                     frozen_sh))
     return step_fn, eval_fn
 

@@ -127,7 +127,8 @@ def param_shardings(params, mesh: Mesh, rules=PARTITION_RULES):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches ``[B, T, ...]`` split over ``data`` x ``fsdp`` on the batch axis."""
+    """Batches ``[B, T, ...]`` split over ``data`` x ``fsdp`` on the batch axis (``ndim=1``: a spec
+    that fits batch arrays of any rank, e.g. for a batch dict holding ``[B]`` and ``[B, T]`` arrays)."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 

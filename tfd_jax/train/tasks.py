@@ -59,6 +59,8 @@ class Task:
     trainable: Any = nnx.Param
     prepare: Callable | None = None
     cli_defaults: dict[str, Any] = {}
+    init_archs: tuple[str, ...] = ()  # other architectures whose weights --init-from may start this one from
+    fresh_params: tuple[str, ...] = ()  # top-level parameters --init-from's weights may lack (a new head)
 
     @classmethod
     def archs(cls) -> tuple[str, ...]:
@@ -337,7 +339,7 @@ class _TaskTable(dict):
 
 TASKS: dict[str, type[Task]] = _TaskTable(
     lm=LMTask, mlm=MLMTask, seq2seq=Seq2SeqTask, sft="tfd_jax.posttrain.tasks:SFTTask",
-    dpo="tfd_jax.posttrain.tasks:DPOTask",
+    dpo="tfd_jax.posttrain.tasks:DPOTask", reward="tfd_jax.posttrain.tasks:RewardTask",
 )
 
 
