@@ -105,3 +105,19 @@ def reference_and_killed_run(reference_args: list[str], killed_args: list[str], 
     ref_out = reference.communicate(timeout=timeout)[0]
     assert reference.returncode == 0, ref_out
     return ref_out, resumed.stdout
+
+
+def resumed_equals_reference(reference_args: list[str], killed_args: list[str], ref_dir: Path, run_dir: Path,
+                             steps: int, metrics: tuple[str, ...] = ()) -> tuple[list[dict], str]:
+    """:func:`reference_and_killed_run`, then check that the resumed run logged every step
+    ``1..steps`` with the reference's loss (and ``metrics``) exactly; returns the reference's records
+    and the resumed run's output."""
+    import pytest
+
+    _, resumed = reference_and_killed_run(reference_args, killed_args, run_dir)
+    ref, got = read_metrics(ref_dir), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for a, b in zip(ref[:steps], got):
+        for name in ("loss", *metrics):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), (name, a["step"])
+    return ref, resumed
