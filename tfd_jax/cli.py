@@ -17,6 +17,7 @@ COMMANDS = {
     "data": "tfd_jax.data.cli",
     "train": "tfd_jax.train.cli",
     "generate": "tfd_jax.decode.cli",
+    "pipeline": "tfd_jax.posttrain.pipeline",
 }
 
 
