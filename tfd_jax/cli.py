@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "tfd_jax.train.cli",
     "generate": "tfd_jax.decode.cli",
     "pipeline": "tfd_jax.posttrain.pipeline",
+    "chat": "tfd_jax.posttrain.chat",
 }
 
 
