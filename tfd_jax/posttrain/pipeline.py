@@ -7,8 +7,9 @@
    held-out pairwise accuracy is reported);
 4. **DPO** from the SFT weights on the same pairs, the SFT model frozen as its reference.
 
-After each stage the policy answers held-out prompts (sampled at temperature 1) and the hidden rule
-(``data.rule_score``) scores them; ``kl`` is the mean over those answers of the summed log-ratio
+After each stage the policy answers held-out prompts (about things no fine-tuning data mentions;
+``rule_score``) and training prompts (``rule_score_train``), sampled at temperature 1, and the hidden
+rule (``data.rule_score``) scores them; ``kl`` is the mean over those answers of the summed log-ratio
 ``log pi(y|x) - log pi_sft(y|x)`` of the sampled tokens (a k1 estimate of KL(pi || pi_sft) per
 answer; 0 for the SFT model itself, and not defined before there is an SFT model). Every stage is an
 ordinary run directory under ``--out`` (resumable, with its ``metrics.jsonl``).
@@ -106,6 +107,7 @@ def run_pipeline(out: str | Path, *, preset: str = "tiny", steps: dict | None = 
     out.mkdir(parents=True, exist_ok=True)
     steps = {**DEFAULT_STEPS, **(steps or {})}
     prompts = builtin_prompts("val", n=eval_prompts, seed=seed + 1)
+    train_prompts = builtin_prompts("train", n=eval_prompts, seed=seed + 2)
     text = out / "pretrain.txt"
     if not text.exists():
         text.write_text(builtin_pretraining_text(n_chars=400_000, seed=seed), encoding="utf-8")
@@ -127,12 +129,13 @@ def run_pipeline(out: str | Path, *, preset: str = "tiny", steps: dict | None = 
             last = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
             record["pairwise_accuracy"] = next(r["val_pairwise_accuracy"] for r in reversed(last)
                                                if "val_pairwise_accuracy" in r)
-            record.update(rule_score=None, kl=None)
+            record.update(rule_score=None, kl=None, rule_score_train=None)
         else:
             model, tokenizer = load_for_inference(out / stage, log=None)
             if stage == "sft":
                 sft_model = model
             record.update(sample_and_score(model, tokenizer, prompts, reference=sft_model, seed=seed))
+            record["rule_score_train"] = sample_and_score(model, tokenizer, train_prompts, seed=seed)["rule_score"]
         record["val_loss"] = summary.get("val_loss")
         log(json.dumps(record))
         records.append(record)
@@ -141,12 +144,15 @@ def run_pipeline(out: str | Path, *, preset: str = "tiny", steps: dict | None = 
 
 def format_table(records: list[dict]) -> str:
     """The stages as a plain-text table: rule score, KL against the SFT model, and notes."""
-    lines = [f"{'stage':<10}{'steps':>7}{'rule score':>12}{'KL vs SFT':>11}  {'notes'}"]
+    lines = [f"{'stage':<10}{'steps':>7}{'rule score':>12}{'(train)':>9}{'KL vs SFT':>11}  {'notes'}"]
+
+    def num(value, fmt):
+        return "" if value is None else format(value, fmt)
+
     for r in records:
-        score = "" if r.get("rule_score") is None else f"{r['rule_score']:.3f}"
-        kl = "" if r.get("kl") is None else f"{r['kl']:.2f}"
         note = f"held-out pairwise accuracy {r['pairwise_accuracy']:.3f}" if "pairwise_accuracy" in r else ""
-        lines.append(f"{r['stage']:<10}{r['steps']:>7}{score:>12}{kl:>11}  {note}")
+        lines.append(f"{r['stage']:<10}{r['steps']:>7}{num(r.get('rule_score'), '.3f'):>12}"
+                     f"{num(r.get('rule_score_train'), '.3f'):>9}{num(r.get('kl'), '.2f'):>11}  {note}")
     return "\n".join(lines)
 
 
