@@ -211,7 +211,7 @@ def run_generate(args, out: TextIO | None = None) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     model, tokenizer = _load(args)
-    seq2seq = hasattr(model.config, "decoder_start_id")
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
     source = None
     if seq2seq:
         if args.source is None:

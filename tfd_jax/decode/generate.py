@@ -293,7 +293,7 @@ def plan_generation(
     """
     ops.check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, allow_greedy=True)
     context = {}
-    if hasattr(config, "decoder_start_id"):  # an encoder-decoder: the source is what it decodes from
+    if getattr(config, "is_encoder_decoder", False):  # the source is what it decodes from
         if source is None:
             raise ValueError("an encoder-decoder model decodes from a source: pass source=[token ids, ...]")
         context, n = _source_context(config, source)

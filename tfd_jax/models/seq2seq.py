@@ -147,6 +147,11 @@ class Seq2SeqConfig(ConfigMixin):
     def num_kv_heads(self) -> int:
         return self.num_heads
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """What ``tfd_jax.decode`` asks: this model decodes from a source (``source=``)."""
+        return True
+
     def block(self, num_layers: int | None = None) -> BlockConfig:
         """The blocks of both stacks (the decoder's add cross-attention)."""
         return BlockConfig(

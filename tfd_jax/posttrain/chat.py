@@ -41,7 +41,7 @@ def run_chat(args, stdin: TextIO | None = None, out: TextIO | None = None) -> in
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, tokenizer = load_for_inference(args.run)
-    if tokenizer is None or not hasattr(model, "init_cache") or hasattr(model.config, "decoder_start_id"):
+    if tokenizer is None or not hasattr(model, "init_cache") or getattr(model.config, "is_encoder_decoder", False):
         raise UserError(f"{args.run} is not a chat model: chat needs a decoder-only run with a tokenizer")
     try:
         chat_token_ids(tokenizer)
