@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tfd_jax.data.tokenized import write_tokens
-from tfd_jax.posttrain.data import PreferencePair, chat_token_ids
+from tfd_jax.posttrain.data import chat_token_ids
 from tfd_jax.posttrain.tasks import DPOTask
 from tfd_jax.tokenizers import CharTokenizer
 from tfd_jax.train import TrainConfig
@@ -44,7 +44,6 @@ def test_bad_pairs_are_refused_with_file_and_line(tmp_path):
     bad.write_text('{"prompt": "Tell me about cats.", "chosen": "Cats!", "rejected": "Cats!"}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:1:.*chosen"):
         DPOTask().corpus(TrainConfig(task="dpo", data=str(bad)), "train", None)
-    assert PreferencePair("a", "b", "c").chosen == "b"
 
 
 def _args(out: Path, *extra: str) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -59,6 +60,14 @@ def _stage_config(argv: list[str]):
     return train_cli.config_from_args(parser.parse_args(["train", *argv]))
 
 
+@partial(jax.jit, static_argnames=("graphdef",))
+def _logits(graphdef, state, tokens):
+    """A model's logits ``[B, T, V]``, compiled once per model structure and shape (not per call)."""
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)(tokens)
+
+
 def sample_and_score(policy, tokenizer, prompts: list[str], *, reference=None, seed: int = 0,
                      max_new_tokens: int = 48) -> dict:
     """Sample one answer per prompt (temperature 1, the chat template) and measure it: the mean
@@ -86,7 +95,7 @@ def sample_and_score(policy, tokenizer, prompts: list[str], *, reference=None, s
         for k, s in enumerate(seqs):
             padded[k, : len(s)] = s
         graphdef, state = nnx.split(reference)
-        logits = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, jnp.asarray(padded[:, :-1]))
+        logits = _logits(graphdef, state, jnp.asarray(padded[:, :-1]))
         ref_lp = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(padded[:, 1:, None]),
                                                 axis=-1)[..., 0])
         for k in range(len(prompts)):

@@ -232,12 +232,16 @@ class DPOTask(_PreferenceTask):
         reference = nnx.merge(graphdef, frozen, rest)
         reference.eval()
 
-        def answer_logp(m, side):
-            losses = m.token_losses(batch[f"{side}_tokens"], batch[f"{side}_targets"])
-            return -jnp.sum(losses * batch[f"{side}_mask"], axis=-1)
+        def both(name):  # chosen rows, then rejected rows: one forward pass per model
+            return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
 
-        pc, pr = answer_logp(model, "chosen"), answer_logp(model, "rejected")
-        rc, rr = (jax.lax.stop_gradient(answer_logp(reference, side)) for side in ("chosen", "rejected"))
+        tokens, targets, mask = both("tokens"), both("targets"), both("mask")
+
+        def answer_logps(m):  # summed log-prob of each answer: (chosen [B], rejected [B])
+            return jnp.split(-jnp.sum(m.token_losses(tokens, targets) * mask, axis=-1), 2)
+
+        pc, pr = answer_logps(model)
+        rc, rr = jax.lax.stop_gradient(answer_logps(reference))
         losses = dpo_loss(pc, pr, rc, rr, beta=self.beta, variant=self.variant, label_smoothing=self.label_smoothing)
         margin = self.beta * ((pc - rc) - (pr - rr))
         return jnp.sum(losses), jnp.float32(losses.shape[0]), {
@@ -272,8 +276,9 @@ class RewardTask(_PreferenceTask):
     def loss_fn(self, model, batch, frozen):
         from tfd_jax.posttrain.losses import reward_model_loss
 
-        rc = model.score(batch["chosen_tokens"], batch["chosen_length"])
-        rr = model.score(batch["rejected_tokens"], batch["rejected_length"])
+        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+        lengths = jnp.concatenate([batch["chosen_length"], batch["rejected_length"]], axis=0)
+        rc, rr = jnp.split(model.score(tokens, lengths), 2)  # both answers in one forward pass
         losses = reward_model_loss(rc, rr, margin=self.margin)
         return jnp.sum(losses), jnp.float32(losses.shape[0]), {
             "reward_loss": jnp.sum(losses), "pairwise_accuracy": jnp.sum(rc > rr), "reward_margin": jnp.sum(rc - rr)}
