@@ -7,7 +7,7 @@ One loop for any causal model: the model owns its cached forward (``model.init_c
 ``generate(model, prompts, max_new_tokens, temperature=..., top_k=..., top_p=..., seed=..., eos_id=...)``
 returns the new tokens ``[B, max_new_tokens]`` and their lengths; ``generate_stream`` yields them in
 chunks as they are produced; ``rollout`` keeps tokens, log-probabilities and the response mask on the
-device (Chapter 18's rollouts).
+device (Chapter 18's rollouts), and ``rollout_traced`` does so inside a jitted program of one's own.
 
 The function ``generate`` hides the module of the same name as an attribute of this package; reach the
 module's other names with ``from tfd_jax.decode.generate import ...``.
@@ -26,6 +26,7 @@ from tfd_jax.decode.generate import (
     generate_stream,
     plan_generation,
     rollout,
+    rollout_traced,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "init_cache",
     "plan_generation",
     "rollout",
+    "rollout_traced",
 ]

@@ -183,7 +183,12 @@ def _prefill(graphdef, state, prompts, prompt_lengths, tokens_out, rng, context,
     program depends only on the shapes, never on the sampling settings.
     """
     TRACE_COUNTS["prefill"] += 1
-    model = _eval_model(graphdef, state)
+    return _prefill_model(_eval_model(graphdef, state), prompts, prompt_lengths, tokens_out, rng, context,
+                          cache_length=cache_length)
+
+
+def _prefill_model(model, prompts, prompt_lengths, tokens_out, rng, context, *, cache_length) -> "DecodeState":
+    """:func:`_prefill`'s body for a model object (traceable inside any jitted function)."""
     cache = model.init_cache(prompts.shape[0], cache_length, **context)
     h, cache = model.forward_cached(prompts, cache, prompt_lengths)
     last_h = jnp.take_along_axis(h, (prompt_lengths - 1)[:, None, None], axis=1)  # [B, 1, M]
@@ -219,7 +224,11 @@ def _decode_step(model, s: DecodeState, knobs: _Knobs, spec: SamplingSpec) -> De
 def _decode_loop(graphdef, state, dstate: DecodeState, stop_at, knobs: _Knobs, *, spec):
     """Run the loop until every row is done or ``step == stop_at`` (the chunk end when streaming)."""
     TRACE_COUNTS["decode_loop"] += 1
-    model = _eval_model(graphdef, state)
+    return _loop_model(_eval_model(graphdef, state), dstate, stop_at, knobs, spec)
+
+
+def _loop_model(model, dstate: DecodeState, stop_at, knobs: _Knobs, spec: SamplingSpec) -> DecodeState:
+    """:func:`_decode_loop`'s body for a model object (traceable inside any jitted function)."""
 
     def cond(s):
         return (s.step < stop_at) & ~jnp.all(s.done)
@@ -521,6 +530,39 @@ def rollout(
     graphdef, state, dstate = _start(model, plan, key)
     dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec)
     mask = jnp.arange(dstate.tokens.shape[1])[None, :] < dstate.num_new[:, None]
+    return Rollout(dstate.tokens, dstate.log_probs, mask, dstate.num_new)
+
+
+def rollout_traced(
+    model,
+    prompts: jax.Array,
+    prompt_lengths: jax.Array,
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    eos_id: int | jax.Array = -1,
+    pad_id: int | jax.Array = 0,
+) -> Rollout:
+    """:func:`rollout` as a traceable function, for use inside a jitted program of one's own (PPO's
+    training step samples its rollouts this way; Chapter 18). The same prefill and decode loop,
+    without the host-side checks and buckets: the caller passes arrays of fixed shapes.
+
+    ``model``: a causal model in eval mode; ``prompts`` int32 ``[B, P]`` right-padded, each row with
+    ``prompt_lengths [B]`` real tokens (>= 1); ``max_new_tokens`` a Python int ``N`` (the output
+    width), with ``P + N`` at most the context length; ``eos_id`` -1 for none. Sampling is at
+    ``temperature`` from the full distribution (no top-k / top-p). Returns a :class:`Rollout` with
+    ``tokens``, ``log_probs`` and ``mask`` ``[B, N]``, ``lengths [B]``.
+    """
+    B, P = prompts.shape
+    knobs = _Knobs(max_new=jnp.asarray(max_new_tokens, jnp.int32), eos_id=jnp.asarray(eos_id, jnp.int32),
+                   pad_id=jnp.asarray(pad_id, jnp.int32), temperature=jnp.asarray(temperature, jnp.float32),
+                   top_p=jnp.asarray(1.0, jnp.float32))
+    tokens_out = jnp.full((B, max_new_tokens), knobs.pad_id, jnp.int32)
+    dstate = _prefill_model(model, prompts, jnp.asarray(prompt_lengths, jnp.int32), tokens_out, key, {},
+                            cache_length=P + max_new_tokens)
+    dstate = _loop_model(model, dstate, knobs.max_new, knobs, SamplingSpec(greedy=False, top_k=None, use_top_p=False))
+    mask = jnp.arange(max_new_tokens)[None, :] < dstate.num_new[:, None]
     return Rollout(dstate.tokens, dstate.log_probs, mask, dstate.num_new)
 
 

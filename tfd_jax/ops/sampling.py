@@ -130,7 +130,7 @@ def sample(
     if all(_concrete(v) for v in (temperature, top_k, top_p)):
         # Validate every setting, also on the greedy path, so a bad top_k/top_p never passes silently.
         check_sampling_args(temperature=float(temperature), top_k=top_k, top_p=top_p)
-        if temperature == 0:
+        if float(temperature) == 0:  # (a Python comparison: inside a trace, == on an array is traced)
             return greedy_ids
         filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
