@@ -60,3 +60,32 @@ def test_dpo_starts_at_log_2_learns_the_preferences_and_resumes_exactly(tmp_path
     assert ref[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert np.mean([r["loss"] for r in ref[-5:]]) < math.log(2) - 0.05
     assert ref[-1]["val_preference_accuracy"] > 0.6
+
+
+def test_dpo_with_lora_adapters_uses_the_base_model_as_its_reference(tmp_path):
+    """``--lora 4``: only the adapters train, no frozen copy is made (the model with its adapters off
+    is the reference), the first loss is still exactly log 2, and the base weights stay the SFT run's."""
+    from flax import nnx
+
+    from tfd_jax.train.checkpoint import load_for_inference
+    from tfd_jax.train.metrics import read_metrics
+    from trainkit import run_cli
+
+    sft = tmp_path / "sft"
+    out = run_cli([sys.executable, "-m", "tfd_jax.cli", "train", "--task", "sft", "--preset", "tiny", "--out", str(sft),
+                   "--steps", "2", "--batch-size", "4", "--no-progress", "--ckpt-every", "2"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = run_cli(_args(tmp_path / "lora", "--init-from", str(sft), "--lora", "4", "--lora-targets",
+                        "attn.q,attn.v,ffn.w_out", "--steps", "4", "--eval-every", "4", "--ckpt-every", "4"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "trained)" in run.stdout and "LoRA adapters: freshly initialised" in run.stdout
+    records = read_metrics(tmp_path / "lora")
+    assert records[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert records[-1]["loss"] != records[0]["loss"]
+    base, _ = load_for_inference(sft, log=None)
+    tuned, _ = load_for_inference(tmp_path / "lora", log=None)
+    flat = dict(nnx.to_flat_state(nnx.state(tuned, nnx.Param)))
+    for key, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(flat[key].get_value()), np.asarray(var.get_value()))
+    moved = [k for k, v in flat.items() if k[-1] == "lora_b" and np.abs(np.asarray(v.get_value())).max() > 0]
+    assert len(moved) == 3 * 2  # three kinds of layer in each of the two blocks

@@ -63,6 +63,12 @@ class GPTConfig(ConfigMixin):
     # (logits are cut back to vocab_size): matrix units need aligned shapes and GPT-2's 50,257 is
     # odd. 0 = automatic: 128 on GPU/TPU, none on CPU. Parameters keep their true shape.
     vocab_pad_multiple: int = 0
+    # LoRA adapters on the Linear layers whose paths end with one of lora_targets (comma-separated;
+    # Chapter 18, beyond the course; tfd_jax.nn.lora): 0 = none. With adapters, training updates
+    # only them (and a task's fresh head), and the model with its adapters off is the base model.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn.q,attn.v"
 
     def __post_init__(self):
         if self.d_ff == 0:
@@ -98,6 +104,8 @@ class GPTConfig(ConfigMixin):
             (0.0 < self.norm_eps < 1.0, f"norm_eps must be in (0, 1), got {self.norm_eps}"),
             (1.0 < self.rope_base < float("inf"), f"rope_base must be a finite number > 1, got {self.rope_base}"),
             (self.init in ("gpt2", "xavier"), f"init must be 'gpt2' or 'xavier', got {self.init!r}"),
+            (isinstance(self.lora_rank, int) and self.lora_rank >= 0, f"lora_rank must be an integer >= 0, got {self.lora_rank!r}"),
+            (self.lora_rank == 0 or bool(self.lora_targets.strip(" ,")), "lora_targets must name at least one layer"),
             (
                 self.attention_impl in ("reference", "xla", "cudnn", "splash", "auto"),
                 f"attention_impl must be 'reference', 'xla', 'cudnn', 'splash' or 'auto', got {self.attention_impl!r}",

@@ -57,6 +57,11 @@ class GPT(nnx.Module):
             self.lm_head = Linear(
                 cfg.d_model, cfg.vocab_size, use_bias=cfg.lm_head_bias, kernel_init=embed_init, rngs=rngs, **dt
             )
+        if cfg.lora_rank:
+            from tfd_jax.nn.lora import add_lora
+
+            add_lora(self, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                     targets=tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()), rngs=rngs)
 
     # -- the pieces, in the order the course introduces them ------------------------------------
 

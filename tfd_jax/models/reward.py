@@ -6,6 +6,9 @@ preferred should score higher (``tfd_jax.posttrain.losses.reward_model_loss``). 
 scalar head, ``value_head`` ``[M, 1]``, read at the last real token of each row, after the final norm.
 The language-model head stays (tied models share it with the embeddings) but scoring does not use it.
 
+The same class is PPO's policy (``tfd_jax.posttrain.ppo``): there the language-model head writes the
+answers and the scalar head, read at every position, is the value function (``policy_outputs``).
+
 Shape letters: B batch, T sequence length, M model width.
 """
 from __future__ import annotations
@@ -38,3 +41,11 @@ class RewardModel(GPT):
             h = self.final_norm(h)
         last = jnp.take_along_axis(h, (jnp.asarray(lengths) - 1)[:, None, None], axis=1)[:, 0]  # [B, M]
         return self.value_head(last)[:, 0].astype(jnp.float32)
+
+    def policy_outputs(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One forward pass for PPO: next-token logits float32 ``[B, T, V]`` and the value head at
+        every position, float32 ``[B, T]`` (the value of the state after reading ``tokens[:, :t+1]``)."""
+        x, positions = self._embed_input(tokens, None)
+        h = self.hidden_states(x, positions=positions)
+        values = self.value_head(self.final_norm(h) if self.final_norm is not None else h)[..., 0]
+        return self.logits(h).astype(jnp.float32), values.astype(jnp.float32)

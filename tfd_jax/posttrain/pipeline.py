@@ -5,7 +5,9 @@
 2. **SFT** from it on the built-in conversations (on topic, enthusiastic 20% of the time);
 3. a **reward model** from the SFT weights on the rule-labelled, 10%-noisy preference pairs (its
    held-out pairwise accuracy is reported);
-4. **DPO** from the SFT weights on the same pairs, the SFT model frozen as its reference.
+4. **PPO** from the SFT weights on the built-in prompts, scored by that reward model, the SFT model
+   frozen as its reference (``tfd_jax.posttrain.ppo``);
+5. **DPO** from the SFT weights on the preference pairs, the SFT model frozen as its reference.
 
 After each stage the policy answers held-out prompts (about things no fine-tuning data mentions;
 ``rule_score``) and training prompts (``rule_score_train``), sampled at temperature 1, and the hidden
@@ -33,8 +35,8 @@ from tfd_jax.train.tasks import LMTask
 
 __all__ = ["ChatPretrainTask", "run_pipeline", "sample_and_score"]
 
-#: training steps of each stage by default (a few CPU minutes in all with the tiny preset)
-DEFAULT_STEPS = {"pretrain": 600, "sft": 300, "reward": 200, "dpo": 200}
+#: training steps of each stage by default (about 4 CPU minutes in all with the tiny preset)
+DEFAULT_STEPS = {"pretrain": 1500, "sft": 800, "reward": 300, "ppo": 400, "dpo": 400}
 
 
 class ChatPretrainTask(LMTask):
@@ -125,6 +127,7 @@ def run_pipeline(out: str | Path, *, preset: str = "tiny", steps: dict | None = 
         ("pretrain", ["--data", str(text), "--tokenizer", "char", "--seq-len", "128", "--lr", "2e-3"], ChatPretrainTask()),
         ("sft", ["--task", "sft", "--init-from", str(out / "pretrain")], None),
         ("reward", ["--task", "reward", "--init-from", str(out / "sft")], None),
+        ("ppo", ["--task", "ppo", "--init-from", str(out / "sft"), "--reward-model", str(out / "reward")], None),
         ("dpo", ["--task", "dpo", "--init-from", str(out / "sft")], None),
     ]
     records, sft_model = [], None
@@ -169,7 +172,7 @@ def register(subparsers) -> None:
     """``tfd-jax pipeline``."""
     p = subparsers.add_parser(
         "pipeline",
-        help="pre-train, SFT, reward model and DPO on the built-in task; a table of the rule's score and KL per stage",
+        help="pre-train, SFT, reward model, PPO and DPO on the built-in task; a table of the rule's score and KL per stage",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument("--out", default="runs/pipeline", help="one run directory per stage goes in here")

@@ -18,7 +18,8 @@ sampled for held-out prompts are scored by the task's hidden rule (``rule_score`
 ``DPOTask`` (``tfd-jax train --task dpo``, beyond the course) learns from pairs ``(prompt, chosen,
 rejected)`` directly, without a reward model: the policy starts from the run's starting weights and a
 frozen copy of them is the reference (``Task.frozen``: sharded like the policy, no optimizer state,
-reloaded from ``--init-from`` on resume). Each step computes both answers' summed log-probabilities
+reloaded from ``--init-from`` on resume; ``--reference RUN`` names other weights). With LoRA adapters
+(``--lora RANK``) there is no copy: the model with its adapters switched off is the reference. Each step computes both answers' summed log-probabilities
 under the policy and the reference and applies ``losses.dpo_loss``; ``dpo_loss``, the preference
 accuracy of the implied rewards and their margin go to ``metrics.jsonl``. ``--data prefs`` is the
 built-in task's pairs (a rule-labelled, 10%-noisy rater), or a ``.jsonl`` file of
@@ -49,7 +50,7 @@ from tfd_jax.posttrain.data import (
 from tfd_jax.posttrain.losses import dpo_loss
 from tfd_jax.train.tasks import LMTask, Task
 
-__all__ = ["DPOTask", "RewardTask", "SFTTask", "chat_text", "sample_rule_score"]
+__all__ = ["DPOTask", "RewardTask", "SFTTask", "chat_text", "held_out_rule_score", "sample_rule_score"]
 
 #: the special tokens of a chat model's tokenizer: padding, end of document, the chat markers
 CHAT_TOKENIZER_SPECIALS = ("<pad>", "</s>", *CHAT_SPECIAL_TOKENS)
@@ -122,12 +123,7 @@ class SFTTask(LMTask):
         return dict(batch, mask=batch["mask"] & answer)
 
     def final_metrics(self, model, tokenizer, run_dir, cfg, log) -> dict | None:
-        if cfg.data != BUILTIN_CHAT:
-            return None
-        score = sample_rule_score(model, tokenizer, builtin_prompts("val", n=self.eval_prompts, seed=cfg.seed + 1),
-                                  seed=cfg.seed, log=log)
-        log(f"held-out rule score of sampled answers: {score:.3f} ({self.eval_prompts} prompts)")
-        return {"rule_score": score}
+        return held_out_rule_score(model, tokenizer, cfg, log, builtin=BUILTIN_CHAT, prompts=self.eval_prompts)
 
 
 def sample_rule_score(model, tokenizer, prompts: list[str], *, seed: int = 0, temperature: float = 1.0,
@@ -148,6 +144,17 @@ def sample_rule_score(model, tokenizer, prompts: list[str], *, seed: int = 0, te
         if log is not None and k < show:
             log(f"  {prompt!r} -> {answer!r} (score {scores[-1]})")
     return float(sum(scores) / len(scores))
+
+
+def held_out_rule_score(model, tokenizer, cfg, log, *, builtin: str, prompts: int) -> dict | None:
+    """At the end of a run on the built-in task (``cfg.data == builtin``): the mean rule score of
+    answers sampled for ``prompts`` held-out prompts, as ``{"rule_score": ...}``; None otherwise."""
+    if cfg.data != builtin:
+        return None
+    score = sample_rule_score(model, tokenizer, builtin_prompts("val", n=prompts, seed=cfg.seed + 1), seed=cfg.seed,
+                              log=log)
+    log(f"held-out rule score of sampled answers: {score:.3f} ({prompts} prompts)")
+    return {"rule_score": score}
 
 
 def _pair_text(prompt: str, chosen: str, rejected: str) -> str:
@@ -218,19 +225,24 @@ class DPOTask(_PreferenceTask):
     arch = "gpt"
     cli_defaults = {"data": BUILTIN_PREFS, "tokenizer": "char", "seq_len": 64, "steps": 200, "lr": 1e-4,
                     "min_lr": 1e-4, "warmup": 0, "weight_decay": 0.0, "samples": 0, "dropout": 0.0}
+    lora = False
 
     def __init__(self, beta: float = 0.1, variant: str = "sigmoid", label_smoothing: float = 0.0,
                  pairs: int = 4000, eval_prompts: int = 200):
         self.beta, self.variant, self.label_smoothing = beta, variant, label_smoothing
         self.pairs, self.eval_prompts = pairs, eval_prompts
 
+    def setup(self, tokenizer, model_config) -> None:
+        super().setup(tokenizer, model_config)
+        if model_config is not None:  # (the data iterator calls setup with the tokenizer alone)
+            self.lora = bool(getattr(model_config, "lora_rank", 0))
+
     def frozen(self, params, fixed):
+        if self.lora:  # the base weights never train: the model with its adapters off is the reference
+            return None
         return nnx.merge_state(params, fixed) if jax.tree.leaves(fixed) else params
 
     def loss_fn(self, model, batch, frozen):
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        reference = nnx.merge(graphdef, frozen, rest)
-        reference.eval()
 
         def both(name):  # chosen rows, then rejected rows: one forward pass per model
             return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
@@ -241,19 +253,23 @@ class DPOTask(_PreferenceTask):
             return jnp.split(-jnp.sum(m.token_losses(tokens, targets) * mask, axis=-1), 2)
 
         pc, pr = answer_logps(model)
-        rc, rr = jax.lax.stop_gradient(answer_logps(reference))
+        if frozen is None:  # LoRA
+            from tfd_jax.nn.lora import lora_disabled
+
+            with lora_disabled(model):
+                rc, rr = jax.lax.stop_gradient(answer_logps(model))
+        else:
+            graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+            reference = nnx.merge(graphdef, frozen, rest)
+            reference.eval()
+            rc, rr = jax.lax.stop_gradient(answer_logps(reference))
         losses = dpo_loss(pc, pr, rc, rr, beta=self.beta, variant=self.variant, label_smoothing=self.label_smoothing)
         margin = self.beta * ((pc - rc) - (pr - rr))
         return jnp.sum(losses), jnp.float32(losses.shape[0]), {
             "dpo_loss": jnp.sum(losses), "preference_accuracy": jnp.sum(margin > 0), "reward_margin": jnp.sum(margin)}
 
     def final_metrics(self, model, tokenizer, run_dir, cfg, log) -> dict | None:
-        if cfg.data != BUILTIN_PREFS:
-            return None
-        score = sample_rule_score(model, tokenizer, builtin_prompts("val", n=self.eval_prompts, seed=cfg.seed + 1),
-                                  seed=cfg.seed, log=log)
-        log(f"held-out rule score of sampled answers: {score:.3f} ({self.eval_prompts} prompts)")
-        return {"rule_score": score}
+        return held_out_rule_score(model, tokenizer, cfg, log, builtin=BUILTIN_PREFS, prompts=self.eval_prompts)
 
 
 class RewardTask(_PreferenceTask):

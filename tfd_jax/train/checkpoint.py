@@ -316,7 +316,12 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
     no_dropout = {k: 0.0 for k in ("dropout", "embed_dropout") if hasattr(model_cfg, k)}
     model_cfg = model_cfg.replace(**no_dropout, **({"dtype": dtype} if dtype else {}))
     model = nnx.eval_shape(lambda: registry.build(arch, model_cfg, nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(model, nnx.Param, ...)
+    from tfd_jax.train.step import merge_model, split_trainable
+    from tfd_jax.train.tasks import TASKS, Task, trainable_filter
+
+    # The state holds what trained under "params" and the rest (e.g. a LoRA run's base weights) under "fixed".
+    graphdef, abstract_params, abstract_fixed, rest = split_trainable(
+        model, trainable_filter(TASKS.get(cfg.get("task", "lm"), Task), model_cfg))
     ckpt_dir = Path(run_dir).absolute() / CHECKPOINT_DIR
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; has the run saved one yet?")
@@ -326,6 +331,8 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
 
     item = {"params": target}
+    if jax.tree.leaves(abstract_fixed):
+        item["fixed"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_fixed)
     # Restore arguments from the target say where each array goes (one device here), whatever the
     # devices the run saved from: a checkpoint of an 8-device run loads on one.
     restore_args = ocp.checkpoint_utils.construct_restore_args(item)
@@ -350,7 +357,8 @@ def load_for_inference(run_dir: str | os.PathLike, *, step: int | None = None, d
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; has the run saved one yet?")
     params = restored["state"]["params"]
-    model = with_layout(nnx.merge(graphdef, params, rest), scan_layers=False)
+    fixed = restored["state"].get("fixed", nnx.State({}))
+    model = with_layout(merge_model(graphdef, params, fixed, rest), scan_layers=False)
     model.eval()
     tok_dir = Path(run_dir) / TOKENIZER_DIR
     tokenizer = load_tokenizer(tok_dir) if tok_dir.exists() else None

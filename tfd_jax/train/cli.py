@@ -17,13 +17,14 @@ def register(subparsers) -> None:
         help="train a model (default: a small GPT on the Python standard library, a few minutes on a CPU; --task mlm: a BERT)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--task", default=d.task, choices=["lm", "mlm", "seq2seq", "sft", "dpo", "reward"],
+    p.add_argument("--task", default=d.task, choices=["lm", "mlm", "seq2seq", "sft", "dpo", "reward", "ppo"],
                    help="the objective: next-token language modelling (GPT), masked-LM pre-training (BERT), "
                         "encoder-decoder training (pairs such as --data numbers, or span corruption of a text corpus), "
                         "or supervised fine-tuning on conversations (--data chat: the built-in task, or a JSONL file "
                         "of {\"messages\": [...]}; Chapter 18), or DPO on preference pairs (--data prefs, or a JSONL file of "
                         "{\"prompt\", \"chosen\", \"rejected\"}; starts from --init-from's weights, a frozen copy of them "
-                        "is the reference), or a reward model on the same pairs (a GPT with a scalar head)")
+                        "is the reference), or a reward model on the same pairs (a GPT with a scalar head), or RLHF with PPO "
+                        "(--data prompts, or a JSONL file of {\"prompt\"}; needs --init-from and --reward-model)")
     p.add_argument("--arch", default=None, choices=["gpt", "bert", "transformer", "t5", "bart", "reward"],
                    help="the model family (default: the task's: gpt, bert, transformer)")
     p.add_argument("--preset", default=None,
@@ -33,6 +34,17 @@ def register(subparsers) -> None:
     p.add_argument("--init-from", default=None, metavar="DIR",
                    help="start from these weights instead of random ones: a run directory or a Hugging Face model "
                         "directory (its tokenizer comes too; fine-tuning, Chapter 18)")
+    p.add_argument("--reference", default=None, metavar="RUN",
+                   help="--task dpo / ppo: the frozen reference model's weights (default: the starting weights)")
+    p.add_argument("--reward-model", default=None, metavar="RUN",
+                   help="--task ppo: the reward model that scores the answers (a run of --task reward)")
+    p.add_argument("--lora", type=int, default=None, metavar="RANK",
+                   help="train LoRA adapters of this rank instead of the weights (GPT; a new head still trains); "
+                        "for dpo / ppo the model with its adapters off is the reference")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA's scale numerator (alpha / rank; default 16)")
+    p.add_argument("--lora-targets", default=None, metavar="SUFFIXES",
+                   help="comma-separated layer path suffixes to adapt (default attn.q,attn.v; e.g. attn.q,attn.k,attn.v,"
+                        "attn.o,ffn.w_in,ffn.w_out)")
     p.add_argument("--data", default=d.data,
                    help="pystdlib, tinyshakespeare, or a text file / directory / glob; for --task seq2seq also the "
                         "built-in task numbers (its default) or a .jsonl / .tsv file of source/target pairs")
@@ -148,6 +160,9 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
         overrides["attention_impl"] = args.attention
     if was("scan_layers") and args.scan_layers:
         overrides["scan_layers"] = True
+    for dest, field in (("lora", "lora_rank"), ("lora_alpha", "lora_alpha"), ("lora_targets", "lora_targets")):
+        if was(dest) and getattr(args, dest) is not None:
+            overrides[field] = getattr(args, dest)
     optim_flags = {"optimizer": "name", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup_steps",
                    "weight_decay": "weight_decay", "beta2": "b2"}
     optim = dataclasses.replace(base.optim, **{field: getattr(args, dest) for dest, field in optim_flags.items() if was(dest)})
@@ -158,6 +173,7 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
         "precision": args.precision, "mesh": args.mesh, "seed": args.seed, "log_every": args.log_every,
         "eval_every": args.eval_every, "eval_batches": args.eval_batches, "ckpt_every": args.ckpt_every,
         "samples": args.samples, "task": args.task, "arch": args.arch, "init_from": args.init_from,
+        "reference": args.reference, "reward_model": args.reward_model,
     }
     changes = {k: v for k, v in direct.items() if was(k)}
     if was("no_progress"):

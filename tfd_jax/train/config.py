@@ -33,6 +33,8 @@ class TrainConfig:
     task: str = "lm"  # the objective: "lm" (next token, GPT) or "mlm" (masked-LM, BERT); see train.tasks
     arch: str | None = None  # "gpt" or "bert"; None: the task's own
     init_from: str | None = None  # start from these weights (a run directory or a Hugging Face model dir)
+    reference: str | None = None  # DPO / PPO: the frozen reference's weights (None: the starting weights)
+    reward_model: str | None = None  # PPO: the run directory of a reward model (--task reward)
     data: str = "pystdlib"
     max_bytes: int | None = 3_000_000  # cap on the training text, for quick runs (None = all)
     tokenizer: str = "spm"  # "spm" (sentencepiece BPE), "bpe" (the course's, from scratch), "char"
@@ -195,6 +197,8 @@ def validate(cfg: TrainConfig, task=None) -> None:
     bad_steps = [s for s in cfg.debug_nan_steps if not (is_int(s) and s >= 1)]
     if bad_steps:
         problems.append(f"--debug-nan-at takes step numbers >= 1, got {bad_steps}")
+    if not problems and (task is not None or cfg.task in TASKS):
+        problems += (task or TASKS[cfg.task]()).check(cfg)
     if problems:
         raise TrainingError("; ".join(problems))
 

@@ -106,9 +106,10 @@ def _checked(source: Source) -> Source:
 #: model fields a run started from other weights may set differently from them: they change how
 #: the model runs (precision, dropout, memory, attention kernel, layout), not what it computes
 #: from its weights; ``context_length`` too (learned positions must keep their shape, which
-#: :func:`load_weights` checks; RoPE has none)
+#: :func:`load_weights` checks; RoPE has none); and LoRA adapters, which start at zero
 FREE_FIELDS = frozenset({"dropout", "embed_dropout", "remat", "attention_impl", "scan_layers", "dtype",
-                         "param_dtype", "vocab_pad_multiple", "context_length"})
+                         "param_dtype", "vocab_pad_multiple", "context_length", "lora_rank", "lora_alpha",
+                         "lora_targets"})
 
 
 def check_model_config(path: str, source_cfg, model_cfg) -> None:
@@ -128,7 +129,7 @@ def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest,
     """The parameters of ``--init-from``, placed like ``params`` and ``fixed`` (the freshly
     initialised trees, whose paths and shapes they must match): ``(params, fixed)``. Parameters under
     the top-level names in ``fresh`` (a task's new head) may be missing there and keep their fresh
-    values."""
+    values, as do this model's LoRA adapters (a source's own adapters are folded into its kernels)."""
     from tfd_jax import interop
     from tfd_jax.nn import with_layout
     from tfd_jax.train import checkpoint as ckpt
@@ -140,14 +141,18 @@ def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest,
     else:
         model_type = json.loads((source.path / "config.json").read_text())["model_type"]
         model = getattr(interop, HF_FAMILIES[model_type][1])(source.path)
-    model = with_layout(model, scan_layers=model_cfg.scan_layers)
+    from tfd_jax.nn.lora import merge_lora
+
+    # A source fine-tuned with LoRA gives its effective kernels; this run's own adapters start at
+    # zero, so with them switched off it is exactly the source (the reference of DPO and PPO).
+    model = with_layout(merge_lora(model), scan_layers=model_cfg.scan_layers)
     loaded = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     out, kept = [], set()
     for tree, sharding in zip((params, fixed), shardings):
         flat = []
         for key, var in nnx.to_flat_state(tree):
-            if key not in loaded and key[0] in fresh:
-                kept.add(str(key[0]))
+            if key not in loaded and (key[0] in fresh or key[-1] in ("lora_a", "lora_b")):
+                kept.add("LoRA adapters" if key[-1] in ("lora_a", "lora_b") else str(key[0]))
                 flat.append((key, var))
                 continue
             if key not in loaded:

@@ -47,7 +47,7 @@ from tfd_jax.train.config import RESUMABLE_MODEL, TrainConfig, TrainingError, fl
 from tfd_jax.train.optim import make_optimizer
 from tfd_jax.train.precision import compute_dtype, default_precision
 from tfd_jax.train.step import init_state, make_eval_step, make_train_step, merge_model, rng_tags, split_trainable
-from tfd_jax.train.tasks import Task, get_task
+from tfd_jax.train.tasks import Task, get_task, trainable_filter
 
 __all__ = ["TrainConfig", "TrainingError", "RunFailed", "Stopped", "Trainer", "train", "model_config_for",
            "summary_json"]
@@ -421,13 +421,14 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
         return registry.build(run.arch, model_cfg, nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
 
     abstract_model = nnx.eval_shape(make_model)
-    graphdef, abstract_params, abstract_fixed, _ = split_trainable(abstract_model, task.trainable)
+    trainable = trainable_filter(task, model_cfg)
+    graphdef, abstract_params, abstract_fixed, _ = split_trainable(abstract_model, trainable)
     p_sh = shd.param_shardings(abstract_params, mesh)
     f_sh = shd.param_shardings(abstract_fixed, mesh)
 
     @jax.jit
     def init_params_and_rest():
-        _, p, f, r = split_trainable(make_model(), task.trainable)
+        _, p, f, r = split_trainable(make_model(), trainable)
         return jax.lax.with_sharding_constraint(p, p_sh), jax.lax.with_sharding_constraint(f, f_sh), r
 
     with jax.set_mesh(mesh):
@@ -451,14 +452,24 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
 
     optimizer, schedule = make_optimizer(cfg.optim, cfg.steps)
 
+    buffer = task.experience_buffer() if task.experience is not None else None
+
     def new_state(p, f):
-        return init_state(p, optimizer, cfg.seed, run.precision, fixed=f)
+        return init_state(p, optimizer, cfg.seed, run.precision, fixed=f, buffer=buffer)
 
     abstract_state = jax.eval_shape(new_state, params, fixed)
     state_sh = _state_shardings(abstract_state, optimizer, p_sh, shd.replicated(mesh), f_sh)
     state = jax.jit(new_state, out_shardings=state_sh)(params, fixed)
     tags = rng_tags(abstract_model) if _has_dropout(model_cfg) else ()
-    frozen = task.frozen(params, fixed) if wants_frozen else None
+    frozen = None
+    if wants_frozen and cfg.reference:  # another run's weights as the reference
+        from tfd_jax.train.init import load_weights
+
+        frozen = task.frozen(*load_weights(cfg.reference, run.arch, model_cfg, graphdef, params, fixed, rest,
+                                           (p_sh, f_sh), fresh=task.fresh_params))
+        log(f"reference model: {cfg.reference}")
+    elif wants_frozen:
+        frozen = task.frozen(params, fixed)
     if frozen is not None:  # its own buffers: the training state's are donated step by step
         frozen = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(frozen)
     return _Model(graphdef, rest, state, state_sh, (p_sh, f_sh), abstract_state, new_state, optimizer, schedule, tags,
@@ -520,6 +531,7 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
         m.schedule,
         task.loss_fn,
         prepare=task.prepare,
+        experience=task.experience,
         grad_accum=cfg.grad_accum,
         dropout_tags=m.dropout_tags,
         fp16=run.precision == "fp16",
@@ -531,6 +543,8 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
         out_shardings=(m.state_sh, rep),
         donate_argnums=0,
     )
+    if task.experience is not None:  # its loss reads its own experience: no held-out batches to score
+        return step_fn, None
     eval_fn = jax.jit(make_eval_step(m.graphdef, m.rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
                       in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh, 1),
                                     frozen_sh))
@@ -541,6 +555,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     cfg, out, model_cfg, precision = run.cfg, run.out, run.model_cfg, run.precision
     tokenizer, val_tokens = run.tokenizer, run.val_tokens
     try:
+        task.configure(cfg)
         task.setup(tokenizer, model_cfg)
     except ValueError as e:
         raise TrainingError(str(e)) from None
@@ -639,7 +654,8 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                     pass  # fp16 loss-scale search: reported below as the scale changes
                 elif not bool(hm["finite"]):
                     log(f"step {s}: non-finite loss or gradients; the update was skipped")
-                elif ema is not None and loss > cfg.spike_factor * ema and loss - ema > SPIKE_MIN_RISE:
+                elif (ema is not None and loss > cfg.spike_factor * ema and loss - ema > SPIKE_MIN_RISE
+                      and task.experience is None):  # (a policy-gradient loss has no scale to spike against)
                     log(f"step {s}: loss spike {loss:.3f} (running average {ema:.3f})")
                 if bool(hm["finite"]):
                     ema = loss if ema is None else 0.9 * ema + 0.1 * loss
@@ -667,7 +683,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             streak = int(state_counts["nonfinite_streak"])
             if streak >= cfg.max_nonfinite_streak:
                 raise RunFailed(_diverged_message(step, streak, checkpointer))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 val_loss, val_metrics = _evaluate(cfg, task, tokenizer, eval_fn, state, val_tokens, mesh, frozen)
                 record["val_loss"] = val_loss
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -778,7 +794,8 @@ def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
     special = {"params": p_sh, "opt_state": opt_sh, "fixed": f_sh}
-    return {k: special[k] if special.get(k) is not None else rep for k in abstract_state}
+    return {k: special[k] if special.get(k) is not None else jax.tree.map(lambda _: rep, abstract_state[k])
+            for k in abstract_state}
 
 
 #: a loss spike is also at least this much above the running average (near zero loss, doubling is noise)

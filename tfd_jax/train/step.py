@@ -10,13 +10,19 @@ before the loss (masked-LM masking draws its masks there, from the step's key, s
 masks exactly as an uninterrupted one). ``frozen`` is any pytree the loss needs but never trains (a
 reference model's parameters, later): passed in as an argument, sharded, not donated.
 
+A task that makes its own data from the model (PPO's rollouts, Chapter 18) gives
+``experience(policy, frozen, buffer, batch, step, key) -> (buffer, batch)``: run first, with the
+current weights (no gradient, dropout off), it may refresh ``buffer`` (the experience, a pytree
+kept in the training state, so a resumed run continues from exactly the same one) and returns the
+batch the loss trains on (a minibatch of it).
+
 Training state is a plain dict pytree so it can be sharded, donated and checkpointed as is:
 
     {"step": int32, "params": nnx.State, "opt_state": optax state, "rng": uint32 [2],
      "loss_scale": float32, "good_steps": int32, "nonfinite": int32, "nonfinite_streak": int32}
 
 plus ``"fixed"``, the model's parameters that do not train, when a task trains only some of them
-(``params`` then holds the trainable ones).
+(``params`` then holds the trainable ones), and ``"buffer"``, a task's experience.
 
 Shape letters: B batch, T sequence length, A gradient-accumulation micro-batches.
 """
@@ -56,9 +62,13 @@ def rng_tags(model: nnx.Module) -> tuple[str, ...]:
     )
 
 
-def init_state(params, optimizer: optax.GradientTransformation, seed: int, precision: str, fixed=None) -> dict:
-    """A fresh training state around ``params`` (and the ``fixed`` parameters, when some do not train)."""
+def init_state(params, optimizer: optax.GradientTransformation, seed: int, precision: str, fixed=None,
+               buffer=None) -> dict:
+    """A fresh training state around ``params`` (and the ``fixed`` parameters, when some do not
+    train, and a task's experience ``buffer``)."""
     extra = {"fixed": fixed} if fixed is not None and jax.tree.leaves(fixed) else {}
+    if buffer is not None:
+        extra["buffer"] = buffer
     return extra | {
         "step": jnp.asarray(0, jnp.int32),
         "params": params,
@@ -79,6 +89,7 @@ def make_train_step(
     loss_fn: Callable,
     *,
     prepare: Callable | None = None,
+    experience: Callable | None = None,
     grad_accum: int = 1,
     dropout_tags: tuple[str, ...] = (),
     fp16: bool = False,
@@ -86,8 +97,8 @@ def make_train_step(
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Build ``step(state, batch, poison, frozen) -> (state, metrics)`` (not yet jitted; the Trainer jits it).
 
-    ``loss_fn(model, batch, frozen) -> (loss_sum, count, metric sums)`` and ``prepare(batch, key)``
-    as in the module notes; ``graphdef`` and ``rest`` are from :func:`split_model`.
+    ``loss_fn(model, batch, frozen) -> (loss_sum, count, metric sums)``, ``prepare(batch, key)`` and
+    ``experience(policy, frozen, buffer, batch, step, key)`` as in the module notes; ``graphdef`` and ``rest`` are from :func:`split_model`.
 
     The loss is the mean over all counted tokens (or examples) of the whole batch. With ``grad_accum = A`` the
     batch is cut into A micro-batches (row ``i`` goes to micro-batch ``i mod A``, so each one keeps
@@ -126,6 +137,12 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if prepare is not None:  # the task's per-step randomness (masking), from the step's own key
             batch = prepare(batch, jax.random.fold_in(key, 1 << 20))
+        buffer = state.get("buffer")
+        if experience is not None:  # the task's own data from the current weights (PPO's rollouts)
+            policy = merge_model(graphdef, jax.lax.stop_gradient(params), fixed, rest, copy=True)
+            policy.eval()
+            buffer, batch = experience(policy, frozen, buffer, batch, state["step"],
+                                       jax.random.wrap_key_data(state["rng"]))
         if fp16:  # the scale is per token of a micro-batch: what the backward pass sees is the mean
             scale = scale / (batch["mask"].size // grad_accum)
         if grad_accum == 1:
@@ -167,6 +184,7 @@ def make_train_step(
             "params": keep(new_params, params),
             "opt_state": keep(new_opt, state["opt_state"]),
             "rng": state["rng"],
+            **({"buffer": buffer} if buffer is not None else {}),
             "loss_scale": new_scale,
             "good_steps": good,
             "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),

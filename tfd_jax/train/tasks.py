@@ -20,7 +20,12 @@ The :class:`~tfd_jax.train.loop.Trainer` runs any task; a task says
 - ``final_metrics(model, tokenizer, run_dir, cfg, log)``: figures measured once at the end of a run
   (merged into the summary);
 - ``frozen(params, fixed)``: trees the loss reads but never trains (a reference model), made from
-  the starting weights.
+  the starting weights (or ``--reference``'s);
+- ``experience(policy, frozen, buffer, batch, step, key) -> (buffer, batch)`` with
+  ``experience_buffer()``: data the task makes from the current weights inside the step (PPO's
+  rollouts), kept in the training state (see ``tfd_jax.train.step``);
+- ``check(cfg) -> [problems]`` (settings refused before anything is written) and ``configure(cfg)``
+  (read the run's settings before ``setup``).
 
 By default batches come from the run's token files as ``{"tokens", "targets", "mask"}`` (int
 ``[B, T]``, int ``[B, T]``, bool ``[B, T]``; see ``tfd_jax.data.pipeline``). Next-token LM, masked-LM
@@ -58,6 +63,7 @@ class Task:
     special_tokens: tuple[str, ...] = ()
     trainable: Any = nnx.Param
     prepare: Callable | None = None
+    experience: Callable | None = None  # (policy, frozen, buffer, batch, step, key) -> (buffer, batch)
     cli_defaults: dict[str, Any] = {}
     init_archs: tuple[str, ...] = ()  # other architectures whose weights --init-from may start this one from
     fresh_params: tuple[str, ...] = ()  # top-level parameters --init-from's weights may lack (a new head)
@@ -67,8 +73,20 @@ class Task:
         """The architectures this task can train (``arch``, its default, first)."""
         return (cls.arch, *getattr(cls, "other_archs", ()))
 
+    def check(self, cfg) -> list[str]:
+        """What is wrong with the run's settings for this task (one line each); checked with the
+        other settings, before anything is written."""
+        return []
+
+    def configure(self, cfg) -> None:
+        """Called once with the run's settings, before :meth:`setup`."""
+
     def setup(self, tokenizer, model_config) -> None:
         """Called once with the run's tokenizer and model config, before the step is traced."""
+
+    def experience_buffer(self):
+        """The zeros a task with ``experience`` starts its buffer from (fixed shapes)."""
+        raise NotImplementedError
 
     def loss_fn(self, model, batch: dict, frozen: Any) -> tuple[jax.Array, jax.Array, dict]:
         raise NotImplementedError
@@ -113,6 +131,16 @@ class Task:
         from tfd_jax.data.pipeline import make_iterator
 
         return make_iterator(tokens, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=seed, sampling=cfg.sampling)
+
+
+def trainable_filter(task, model_config):
+    """The parameters a run of ``task`` trains: the task's ``trainable``, or with LoRA adapters in
+    the model (``lora_rank > 0``) the adapters and the task's fresh head alone."""
+    if getattr(model_config, "lora_rank", 0):
+        from tfd_jax.nn.lora import LORA_FILTER
+
+        return nnx.Any(LORA_FILTER, *(nnx.PathContains(name) for name in task.fresh_params))
+    return task.trainable
 
 
 class LMTask(Task):
@@ -340,6 +368,7 @@ class _TaskTable(dict):
 TASKS: dict[str, type[Task]] = _TaskTable(
     lm=LMTask, mlm=MLMTask, seq2seq=Seq2SeqTask, sft="tfd_jax.posttrain.tasks:SFTTask",
     dpo="tfd_jax.posttrain.tasks:DPOTask", reward="tfd_jax.posttrain.tasks:RewardTask",
+    ppo="tfd_jax.posttrain.ppo:PPOTask",
 )
 
 
