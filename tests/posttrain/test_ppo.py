@@ -218,3 +218,46 @@ def test_ppo_resumes_exactly_after_kill_9_in_the_middle_of_a_rollouts_updates(sf
     assert max(r["clip_fraction"] for r in ref) > 0  # later updates move the policy far enough to clip
     assert {"entropy", "explained_variance", "response_length", "kl_coef"} <= set(ref[-1])
     assert "rule_score" in resumed
+
+
+def test_frozen_models_kept_in_bf16_give_nearly_the_same_experience():
+    """``frozen_dtype="bfloat16"`` halves the frozen models' memory; they are read back in the
+    policy's dtypes, so the reference's log-probs and the scores move by bf16 rounding only."""
+    task, batch, _ = _task_and_batch()
+    policy, reward = _model(0), _model(1)
+    frozen = _frozen(task, policy, reward)
+    frozen["reference"] = nnx.split(_model(2), nnx.Param, ...)[1]
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    full_exp = task._rollout(policy, frozen, batch, jax.random.key(4), jnp.float32(0.1))
+    half_exp = task._rollout(policy, half, batch, jax.random.key(4), jnp.float32(0.1))
+    np.testing.assert_array_equal(np.asarray(half_exp["tokens"]), np.asarray(full_exp["tokens"]))  # the policy's own
+    mask = np.asarray(full_exp["mask"])
+    gap = np.abs(np.asarray(half_exp["ref_logps"]) - np.asarray(full_exp["ref_logps"]))[mask]
+    assert 0 < gap.max() < 0.1
+    np.testing.assert_allclose(np.asarray(half_exp["score"]), np.asarray(full_exp["score"]), atol=0.05)
+
+
+def test_the_frozen_models_are_sharded_like_the_policy_and_can_be_bf16(sft_and_reward):
+    """On a data x fsdp mesh of the test's eight devices: the reward model's parameters take the
+    partition rules the policy's take, the reference is the policy's own placement, both in bf16."""
+    from tfd_jax.train import sharding as shd
+    from tfd_jax.train.checkpoint import load_for_inference
+
+    sft, rm = sft_and_reward
+    mesh = shd.make_mesh("data=2,fsdp=4")
+    policy, tok = load_for_inference(sft, log=None)
+    params = nnx.state(policy, nnx.Param)
+    params = jax.device_put(params, shd.param_shardings(params, mesh))
+    task = PPOTask(frozen_dtype="bfloat16")
+    task.configure(TrainConfig(task="ppo", reward_model=str(rm), seq_len=96, batch_size=8))
+    task.setup(tok, policy.config)
+    frozen = task.frozen(params, nnx.State({}))
+    reward_params = nnx.state(load_for_inference(rm, log=None)[0], nnx.Param)
+    want = shd.param_shardings(reward_params, mesh)
+    got = jax.tree.map(lambda x: x.sharding, frozen["reward"])
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
+    assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in jax.tree.leaves(got))  # really split
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, frozen["reference"])) == \
+        jax.tree.leaves(jax.tree.map(lambda x: x.sharding, params))
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}

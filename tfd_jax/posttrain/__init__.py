@@ -8,8 +8,12 @@ value losses, generalised advantage estimation, KL estimators and the adaptive K
 Direct Preference Optimisation (which learns from the preference pairs without a reward model).
 All but the reward-model loss and PPO's outline go beyond the course; each docstring says which.
 
-More modules will join this package: trainers for SFT, the reward model, PPO and DPO built on
-these functions.
+The steps themselves are tasks for the one ``Trainer`` (``tfd-jax train --task ...``):
+``tasks.SFTTask`` (``sft``), ``tasks.RewardTask`` (``reward``), ``ppo.PPOTask`` (``ppo``) and
+``tasks.DPOTask`` (``dpo``); ``data`` holds the chat template, the JSONL loaders and the built-in
+task whose hidden rule plays the human rater; ``pipeline`` runs the whole chain (``tfd-jax
+pipeline``) and ``chat`` talks to a fine-tuned run (``tfd-jax chat``). The tasks are imported on
+first use (``from tfd_jax.posttrain.ppo import PPOTask``), so importing the losses stays light.
 """
 from tfd_jax.posttrain.losses import (
     DPO_VARIANTS,

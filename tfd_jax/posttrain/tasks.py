@@ -227,7 +227,10 @@ class DPOTask(_PreferenceTask):
                     "min_lr": 1e-4, "warmup": 0, "weight_decay": 0.0, "samples": 0, "dropout": 0.0}
     lora = False
 
-    def __init__(self, beta: float = 0.1, variant: str = "sigmoid", label_smoothing: float = 0.0,
+    # beta = 0.5: measured on the built-in task from the pipeline's SFT run (400 steps at 1e-4):
+    # held-out rule score 0.105 -> 0.395 at a KL of 2.3 nats (0.855 on training prompts); 0.1 (the
+    # paper's) reached 0.31 at a KL of 14.6 and did not gain on training prompts, 1.0 0.335 at 1.1.
+    def __init__(self, beta: float = 0.5, variant: str = "sigmoid", label_smoothing: float = 0.0,
                  pairs: int = 4000, eval_prompts: int = 200):
         self.beta, self.variant, self.label_smoothing = beta, variant, label_smoothing
         self.pairs, self.eval_prompts = pairs, eval_prompts
