@@ -64,7 +64,8 @@ def main() -> None:
                 print(json.dumps({"stage": stage, "error": (out.stderr or out.stdout).strip().splitlines()[-1:]}))
                 continue
             print(json.dumps({"what": "posttrain_memory", "stage": stage, "preset": args.preset, "batch_size": 2,
-                              "seq_len": 64, **json.loads(line[len("RESULT "):]), "device": device_name()}), flush=True)
+                              "seq_len": 96 if task == "ppo" else 64, **json.loads(line[len("RESULT "):]),
+                              "device": device_name()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,9 @@ def test_dpo_with_lora_adapters_uses_the_base_model_as_its_reference(tmp_path):
         np.testing.assert_array_equal(np.asarray(flat[key].get_value()), np.asarray(var.get_value()))
     moved = [k for k, v in flat.items() if k[-1] == "lora_b" and np.abs(np.asarray(v.get_value())).max() > 0]
     assert len(moved) == 3 * 2  # three kinds of layer in each of the two blocks
+    # --reference: other weights as the reference (here the LoRA run's, folded): no longer log 2 at step 1
+    other = run_cli(_args(tmp_path / "other_ref", "--init-from", str(sft), "--reference", str(tmp_path / "lora"),
+                          "--steps", "1", "--eval-every", "1", "--ckpt-every", "1"))
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert f"reference model: {tmp_path / 'lora'}" in other.stdout
+    assert abs(read_metrics(tmp_path / "other_ref")[0]["dpo_loss"] - math.log(2)) > 1e-4

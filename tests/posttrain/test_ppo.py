@@ -27,9 +27,9 @@ TOK = CharTokenizer.train(builtin_charset(), special_tokens=CHAT_TOKENIZER_SPECI
 END = chat_token_ids(TOK)["end"]
 
 
-def _model(seed: int) -> RewardModel:
+def _model(seed: int, **kw) -> RewardModel:
     # Xavier's initialisation: weights large enough that the distributions are far from uniform
-    cfg = GPTConfig.preset("tiny", vocab_size=TOK.vocab_size, context_length=64, dropout=0.0, init="xavier")
+    cfg = GPTConfig.preset("tiny", vocab_size=TOK.vocab_size, context_length=64, dropout=0.0, init="xavier", **kw)
     model = RewardModel(cfg, rngs=nnx.Rngs(seed))
     model.eval()
     return model
@@ -261,3 +261,25 @@ def test_the_frozen_models_are_sharded_like_the_policy_and_can_be_bf16(sft_and_r
     assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, frozen["reference"])) == \
         jax.tree.leaves(jax.tree.map(lambda x: x.sharding, params))
     assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_with_lora_the_reference_is_the_policy_with_its_adapters_off():
+    """No reference copy: inside the jitted step (and its rollout branch) the reference log-probs
+    are the policy's with every adapter switched off."""
+    from tfd_jax.nn.lora import lora_disabled
+
+    task, batch, _ = _task_and_batch()
+    task.lora = True
+    policy, reward = _model(0, lora_rank=2), _model(1)
+    for path, var in nnx.to_flat_state(nnx.state(policy, nnx.Param)):
+        if path[-1] == "lora_b":  # adapters that have learned something
+            var.set_value(0.5 * jax.random.normal(jax.random.key(len(path)), var.get_value().shape))
+    frozen = _frozen(task, policy, reward)
+    del frozen["reference"]
+    step = jax.jit(lambda f, b: task.experience(policy, f, task.experience_buffer(), b, jnp.int32(0), jax.random.key(0)))
+    exp, _ = step(frozen, batch)
+    mask = np.asarray(exp["mask"])
+    with lora_disabled(policy):
+        base = -np.asarray(policy.token_losses(exp["tokens"], exp["targets"]))
+    np.testing.assert_allclose(np.asarray(exp["ref_logps"])[mask], base[mask], atol=1e-5)
+    assert np.abs(np.asarray(exp["kl"])).max() > 1e-2  # the adapted policy has moved away from its base

@@ -225,8 +225,9 @@ class PPOTask(Task):
         if "reference" not in frozen:  # LoRA
             from tfd_jax.nn.lora import lora_disabled
 
-            with lora_disabled(policy):
-                return -policy.token_losses(tokens, targets)
+            reference = nnx.merge(*nnx.split(policy))  # a copy of this trace's own, so its switches may change
+            with lora_disabled(reference):
+                return -reference.token_losses(tokens, targets)
         graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
         return -nnx.merge(graphdef, _like(frozen["reference"], params), rest).token_losses(tokens, targets)
 
