@@ -66,3 +66,36 @@ def test_sft_run_learns_and_resumes_exactly_after_kill_9(tmp_path):
     assert np.mean([r["loss"] for r in ref[-5:]]) < np.mean([r["loss"] for r in ref[:3]]) - 0.5
     summary = json.loads(resumed.strip().splitlines()[-1])
     assert 0.0 <= summary["rule_score"] <= 1.0 and "held-out rule score" in resumed
+
+
+def test_sft_from_hugging_face_gpt2_gains_the_chat_markers_and_their_embeddings(tmp_path):
+    """GPT-2's tokenizer has no chat markers: the run's tokenizer gets them as new ids after its last,
+    the token table as many new rows (the mean of the others), and the rest of the weights are GPT-2's."""
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from interop.hf_tiny import tiny_gpt2
+    from tfd_jax.cli import main
+    from tfd_jax.interop import load_hf_gpt2
+    from tfd_jax.posttrain.data import CHAT_SPECIAL_TOKENS, builtin_sft_conversations
+    from tfd_jax.tokenizers import load_tokenizer
+    from tfd_jax.train.checkpoint import load_for_inference
+
+    text = "".join(c["content"] + "\n" for conv in builtin_sft_conversations("train", n=400, seed=0) for c in conv)
+    hf_tok = tokenizers.ByteLevelBPETokenizer()
+    hf_tok.train_from_iterator([text], vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"],
+                               show_progress=False)
+    V = hf_tok.get_vocab_size()
+    hf = tmp_path / "hf_gpt2"
+    tiny_gpt2(vocab_size=V).save_pretrained(hf)
+    hf_tok.save_model(str(hf))
+    out = tmp_path / "sft"
+    assert main(["train", "--task", "sft", "--init-from", str(hf), "--out", str(out), "--steps", "1",
+                 "--batch-size", "8", "--seq-len", "64", "--no-progress", "--eval-batches", "1"]) == 0
+    tok = load_tokenizer(out / "tokenizer")
+    assert [tok.special_tokens[t] for t in CHAT_SPECIAL_TOKENS] == list(range(V, V + len(CHAT_SPECIAL_TOKENS)))
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == V + len(CHAT_SPECIAL_TOKENS)
+    # one SFT step moved the weights a little; their starting point was GPT-2's table plus mean rows
+    start = np.asarray(load_hf_gpt2(hf).tok_embed.embedding[...])
+    tuned = np.asarray(load_for_inference(out, log=None)[0].tok_embed.embedding[...])
+    np.testing.assert_allclose(tuned[:V], start, atol=2e-3)
+    np.testing.assert_allclose(tuned[V:], np.broadcast_to(start.mean(0), tuned[V:].shape), atol=2e-3)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfd_jax.posttrain.data import _check_text, _json_lines, builtin_prompts, chat_token_ids
+from tfd_jax.posttrain.data import CHAT_SPECIAL_TOKENS, _check_text, _json_lines, builtin_prompts, chat_token_ids
 from tfd_jax.posttrain.losses import (
     KL_ESTIMATORS,
     adaptive_kl_update,
@@ -103,6 +103,7 @@ class PPOTask(Task):
     init_archs = ("gpt",)
     fresh_params = ("value_head",)
     special_tokens = CHAT_TOKENIZER_SPECIALS
+    extra_special_tokens = CHAT_SPECIAL_TOKENS
     # Measured on the built-in task from the pipeline's SFT run (400 steps, 100 rollouts of 32): a
     # constant 1e-4 raised the held-out rule score 0.105 -> 0.485 at a KL of 3.1 nats; 3e-5 only
     # reached 0.21 in 200 steps, 3e-4 0.46 at a KL of 8.1.
@@ -162,6 +163,10 @@ class PPOTask(Task):
             mine, theirs = open_source(policy_dir).tokenizer, open_source(reward_dir).tokenizer
         except TrainingError as e:
             return [str(e)]
+        try:  # a policy from Hugging Face GPT-2 gains the chat markers, as its run's tokenizer will
+            mine = mine.with_special_tokens(CHAT_SPECIAL_TOKENS)
+        except ValueError:
+            pass
         if mine.fingerprint() != theirs.fingerprint():
             return [f"the policy ({policy_dir}) and the reward model ({reward_dir}) have different tokenizers "
                     f"({mine.vocab_size:,} and {theirs.vocab_size:,} tokens, fingerprints {mine.fingerprint()} and "

@@ -91,6 +91,7 @@ class SFTTask(LMTask):
     name = "sft"
     arch = "gpt"
     special_tokens = CHAT_TOKENIZER_SPECIALS
+    extra_special_tokens = CHAT_SPECIAL_TOKENS  # e.g. from Hugging Face GPT-2, which has no chat markers
     cli_defaults = {"data": BUILTIN_CHAT, "tokenizer": "char", "seq_len": 128, "steps": 300, "lr": 1e-3,
                     "min_lr": 1e-4, "weight_decay": 0.0, "samples": 0}
 
@@ -195,6 +196,7 @@ class _PreferenceTask(Task):
     """What the tasks trained on preference pairs share: their data (see :class:`_ReadPreference`)."""
 
     special_tokens = CHAT_TOKENIZER_SPECIALS
+    extra_special_tokens = CHAT_SPECIAL_TOKENS
     pairs = 4000
 
     def setup(self, tokenizer, model_config) -> None:

@@ -199,6 +199,17 @@ class Tokenizer(abc.ABC):
                 out[name] = value
         return out
 
+    def with_special_tokens(self, tokens: Iterable[str]) -> "Tokenizer":
+        """A copy that also registers ``tokens`` (those it lacks) as special tokens, with new ids
+        after the last one (a model reading it needs that many more embedding rows). Only
+        tokenizers read from a Hugging Face directory (byte-level BPE) can grow; the others take
+        their special tokens when they are trained."""
+        missing = [t for t in tokens if t not in self.special_tokens]
+        if not missing:
+            return self
+        raise ValueError(f"a {type(self).__name__} cannot add the special tokens {missing} after training; "
+                         "train it with them (special_tokens=...)")
+
     def all_special_ids(self) -> list[int]:
         """Every special id, sorted: the role ids and the registered special tokens. A masked
         language model never masks (or predicts) these."""

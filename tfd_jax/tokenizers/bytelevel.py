@@ -239,6 +239,18 @@ class ByteLevelBPETokenizer(Tokenizer):
         return self._itos[token_id]
 
     # --- saving -------------------------------------------------------------------------------
+    def with_special_tokens(self, tokens: Iterable[str]) -> "ByteLevelBPETokenizer":
+        """A copy with ``tokens`` added as special tokens (those it lacks), ids from ``vocab_size`` on."""
+        specials, next_id = dict(self._special_tokens), self.vocab_size
+        for t in tokens:
+            if t not in specials:
+                specials[t], next_id = next_id, next_id + 1
+        if len(specials) == len(self._special_tokens):
+            return self
+        return ByteLevelBPETokenizer(self.vocab, self.merges, specials, self._roles,
+                                     add_prefix_space=self.add_prefix_space, lstrip=self.lstrip, rstrip=self.rstrip,
+                                     ignore_merges=self.ignore_merges)
+
     def _to_record(self, directory: Path) -> dict[str, Any]:
         (directory / VOCAB_FILE).write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
         (directory / MERGES_FILE).write_text(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from tfd_jax.train.config import TrainingError
@@ -118,11 +119,29 @@ def check_model_config(path: str, source_cfg, model_cfg) -> None:
     Some change no shape (``num_heads`` with the same ``d_model``, ``norm_eps``, ``activation``,
     ``rope_base``, ...): the weights would load and silently compute something else."""
     a, b = source_cfg.to_dict(), model_cfg.to_dict()
-    changed = sorted(k for k in a.keys() | b.keys() if k not in FREE_FIELDS and a.get(k) != b.get(k))
+    grown = b.get("vocab_size", 0) > a.get("vocab_size", 0)  # new tokens: new rows (see load_weights)
+    changed = sorted(k for k in a.keys() | b.keys()
+                     if k not in FREE_FIELDS and a.get(k) != b.get(k) and not (k == "vocab_size" and grown))
     if changed:
         shown = ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} here" for k in changed)
         raise TrainingError(f"--init-from {path}: --model cannot change the architecture of the weights it loads "
                             f"({shown}); only {', '.join(sorted(FREE_FIELDS))} may differ")
+
+
+def _grow_vocab(value, shape, vocab_size: int):
+    """A token table (or output head) of ``vocab_size`` entries along one axis, extended to
+    ``shape`` with new entries equal to the mean of the old ones (a neutral start for added
+    special tokens); anything else is returned as it is."""
+    value = np.asarray(value)
+    if value.ndim != len(shape) or value.shape == tuple(shape):
+        return value
+    axes = [i for i, (a, b) in enumerate(zip(value.shape, shape)) if a != b]
+    if len(axes) != 1 or value.shape[axes[0]] != vocab_size or shape[axes[0]] < vocab_size:
+        return value
+    ax = axes[0]
+    mean = value.mean(axis=ax, keepdims=True)
+    extra = np.repeat(mean, shape[ax] - vocab_size, axis=ax).astype(value.dtype)
+    return np.concatenate([value, extra], axis=ax)
 
 
 def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest, shardings, *, fresh=(), log=None):
@@ -158,6 +177,8 @@ def load_weights(path: str, arch: str, model_cfg, graphdef, params, fixed, rest,
             if key not in loaded:
                 raise TrainingError(f"--init-from {path}: the source has no parameter {'/'.join(map(str, key))}")
             value = loaded[key].get_value()
+            if key[0] in ("tok_embed", "lm_head"):
+                value = _grow_vocab(value, var.get_value().shape, source.model_config.vocab_size)
             if value.shape != var.get_value().shape:
                 raise TrainingError(f"--init-from {path}: {'/'.join(map(str, key))} has shape {value.shape} there, "
                                     f"{var.get_value().shape} here")

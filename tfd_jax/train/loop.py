@@ -188,12 +188,25 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
                 replacing.release()
             raise
         try:
-            tokenizer, train_tf, val_tf = _prepare_data(cfg, task, staging.path, log,
-                                                        tokenizer=source.tokenizer if source else None)
+            given = source.tokenizer if source else None
+            if given is not None and task.extra_special_tokens:
+                try:
+                    grown = given.with_special_tokens(task.extra_special_tokens)
+                except ValueError as e:
+                    raise TrainingError(f"--init-from {cfg.init_from}: --task {task.name} needs the special tokens "
+                                        f"{', '.join(task.extra_special_tokens)}, and {e}") from None
+                if grown is not given:
+                    added = ", ".join(t for t in grown.special_tokens if t not in given.special_tokens)
+                    log(f"--init-from's tokenizer gains {added} (ids {given.vocab_size}..{grown.vocab_size - 1}; "
+                        "their embeddings start at the mean of the others)")
+                given = grown
+            tokenizer, train_tf, val_tf = _prepare_data(cfg, task, staging.path, log, tokenizer=given)
             _check_iterators(cfg, task, tokenizer, train_tf, val_tf)
             model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision, arch,
                                          base=source.model_config if source else None,
                                          fields=task.model_fields(tokenizer))
+            if tokenizer.vocab_size > model_cfg.vocab_size:  # a tokenizer that grew: as many more embeddings
+                model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
             from tfd_jax.data.tokenized import identity
 
             record = {

@@ -65,6 +65,9 @@ class Task:
     prepare: Callable | None = None
     experience: Callable | None = None  # (policy, frozen, buffer, batch, step, key) -> (buffer, batch)
     cli_defaults: dict[str, Any] = {}
+    # special tokens added to --init-from's tokenizer when it lacks them (a chat template on Hugging
+    # Face GPT-2): new ids after its last, new embedding rows started at the mean of the others
+    extra_special_tokens: tuple[str, ...] = ()
     init_archs: tuple[str, ...] = ()  # other architectures whose weights --init-from may start this one from
     fresh_params: tuple[str, ...] = ()  # top-level parameters --init-from's weights may lack (a new head)
 
