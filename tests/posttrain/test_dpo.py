@@ -62,7 +62,7 @@ def test_dpo_starts_at_log_2_learns_the_preferences_and_resumes_exactly(tmp_path
     assert ref[-1]["val_preference_accuracy"] > 0.6
 
 
-def test_dpo_with_lora_adapters_uses_the_base_model_as_its_reference(tmp_path):
+def test_dpo_with_lora_adapters_uses_the_base_model_as_its_reference(sft_run, tmp_path):
     """``--lora 4``: only the adapters train, no frozen copy is made (the model with its adapters off
     is the reference), the first loss is still exactly log 2, and the base weights stay the SFT run's."""
     from flax import nnx
@@ -71,10 +71,7 @@ def test_dpo_with_lora_adapters_uses_the_base_model_as_its_reference(tmp_path):
     from tfd_jax.train.metrics import read_metrics
     from trainkit import run_cli
 
-    sft = tmp_path / "sft"
-    out = run_cli([sys.executable, "-m", "tfd_jax.cli", "train", "--task", "sft", "--preset", "tiny", "--out", str(sft),
-                   "--steps", "2", "--batch-size", "4", "--no-progress", "--ckpt-every", "2"])
-    assert out.returncode == 0, out.stdout + out.stderr
+    sft = sft_run
     run = run_cli(_args(tmp_path / "lora", "--init-from", str(sft), "--lora", "4", "--lora-targets",
                         "attn.q,attn.v,ffn.w_out", "--steps", "4", "--eval-every", "4", "--ckpt-every", "4"))
     assert run.returncode == 0, run.stdout + run.stderr

@@ -163,15 +163,15 @@ def test_prompt_files_name_file_and_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_and_reward(tmp_path_factory):
-    """A two-step SFT run and a reward model trained from it (tiny: for settings and resume, not quality)."""
-    root = tmp_path_factory.mktemp("ppo")
-    common = ["--preset", "tiny", "--steps", "2", "--batch-size", "4", "--no-progress", "--ckpt-every", "2"]
-    for args in (["--task", "sft", "--out", str(root / "sft")],
-                 ["--task", "reward", "--init-from", str(root / "sft"), "--out", str(root / "rm")]):
-        out = run_cli([sys.executable, "-m", "tfd_jax.cli", "train", *args, *common])
-        assert out.returncode == 0, out.stdout + out.stderr
-    return root / "sft", root / "rm"
+def sft_and_reward(sft_run, tmp_path_factory):
+    """The session's two-step SFT run and a reward model trained from it (tiny: for settings and
+    resume, not quality)."""
+    rm = tmp_path_factory.mktemp("ppo") / "rm"
+    out = run_cli([sys.executable, "-m", "tfd_jax.cli", "train", "--task", "reward", "--init-from", str(sft_run),
+                   "--out", str(rm), "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--no-progress",
+                   "--ckpt-every", "2"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    return sft_run, rm
 
 
 def _cli(capsys, *argv):
@@ -195,6 +195,10 @@ def test_bad_settings_are_refused_in_one_line_before_anything_is_written(sft_and
     code, err = _cli(capsys, "train", "--task", "ppo", "--init-from", sft, "--reward-model", rm, "--out", out,
                      "--seq-len", "60")
     assert code == 2 and err.count("\n") == 1 and "longer than the 12 left for it" in err, err
+    # answers the reward model could not read to the end
+    code, err = _cli(capsys, "train", "--task", "ppo", "--init-from", sft, "--reward-model", rm, "--out", out,
+                     "--seq-len", "200")
+    assert code == 2 and err.count("\n") == 1 and "reads at most 128 tokens" in err, err
     assert not out.exists()
 
 

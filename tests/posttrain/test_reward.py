@@ -40,17 +40,13 @@ def _args(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_reward_model_learns_the_preferences_resumes_exactly_and_starts_from_a_gpt_run(tmp_path):
+def test_reward_model_learns_the_preferences_resumes_exactly_and_starts_from_a_gpt_run(sft_run, tmp_path):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     ref, _ = resumed_equals_reference(_args(ref_dir), _args(run_dir), ref_dir, run_dir, STEPS, ("pairwise_accuracy",))
     assert ref[-1]["val_pairwise_accuracy"] > 0.6
     assert json.loads((run_dir / "config.json").read_text())["arch"] == "reward"
 
     # a GPT run (here: two SFT steps) starts the backbone; the scalar head starts fresh
-    sft = tmp_path / "sft"
-    out = run_cli([sys.executable, "-m", "tfd_jax.cli", "train", "--task", "sft", "--preset", "tiny", "--out", str(sft),
-                   "--steps", "2", "--batch-size", "4", "--no-progress", "--ckpt-every", "2"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    rm = run_cli(_args(tmp_path / "rm", "--init-from", str(sft), "--steps", "1", "--eval-every", "1"))
+    rm = run_cli(_args(tmp_path / "rm", "--init-from", str(sft_run), "--steps", "1", "--eval-every", "1"))
     assert rm.returncode == 0, rm.stdout + rm.stderr
     assert "has no value_head: freshly initialised" in rm.stdout

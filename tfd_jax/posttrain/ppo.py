@@ -153,6 +153,13 @@ class PPOTask(Task):
             problems.append("--task ppo updates on whole minibatches: --grad-accum must be 1")
         if not problems and cfg.init_from is not None:
             problems += self._tokenizer_problems(cfg.init_from, cfg.reward_model)
+        if not problems:
+            from tfd_jax.train.checkpoint import read_config
+
+            context = read_config(cfg.reward_model)["model"].get("context_length", 0)
+            if context < cfg.seq_len:
+                problems.append(f"the reward model ({cfg.reward_model}) reads at most {context} tokens, fewer than a "
+                                f"prompt and its answer (--seq-len {cfg.seq_len}); lower --seq-len")
         return problems
 
     @staticmethod
