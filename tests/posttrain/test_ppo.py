@@ -199,6 +199,16 @@ def test_bad_settings_are_refused_in_one_line_before_anything_is_written(sft_and
     code, err = _cli(capsys, "train", "--task", "ppo", "--init-from", sft, "--reward-model", rm, "--out", out,
                      "--seq-len", "200")
     assert code == 2 and err.count("\n") == 1 and "reads at most 128 tokens" in err, err
+    # a "reward model" that is not one; flags a task does not use; LoRA where it cannot go
+    for argv, says in ((("--task", "ppo", "--init-from", sft, "--reward-model", sft), "holds a gpt model, not a reward model"),
+                       (("--task", "sft", "--reward-model", rm), "--reward-model is for --task ppo, not --task sft"),
+                       (("--task", "sft", "--reference", sft), "--reference is for tasks with a reference model"),
+                       (("--task", "dpo", "--init-from", sft, "--reference", sft, "--lora", "4"), "--reference with --lora"),
+                       (("--task", "mlm", "--lora", "4"), "LoRA adapters are for GPT models"),
+                       (("--task", "dpo", "--init-from", sft, "--lora", "4", "--lora-targets", "attn.nope"),
+                        "matches no Linear layer")):
+        code, err = _cli(capsys, "train", *argv, "--out", out)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
     assert not out.exists()
 
 
@@ -222,6 +232,14 @@ def test_ppo_resumes_exactly_after_kill_9_in_the_middle_of_a_rollouts_updates(sf
     assert max(r["clip_fraction"] for r in ref) > 0  # later updates move the policy far enough to clip
     assert {"entropy", "explained_variance", "response_length", "kl_coef"} <= set(ref[-1])
     assert "rule_score" in resumed
+    # the same run on this process's eight devices (data=8; the experience's rows split over them):
+    # the first rollout's updates give the one-device losses
+    from tfd_jax.train.metrics import read_metrics
+
+    eight = tmp_path / "eight"
+    assert main([*_args(eight, sft, rm)[3:], "--ckpt-every", "10"]) == 0
+    for a, b in zip(ref[:4], read_metrics(eight)):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["reward"] == pytest.approx(a["reward"], abs=1e-4)
 
 
 def test_frozen_models_kept_in_bf16_give_nearly_the_same_experience():
@@ -231,8 +249,7 @@ def test_frozen_models_kept_in_bf16_give_nearly_the_same_experience():
     policy, reward = _model(0), _model(1)
     frozen = _frozen(task, policy, reward)
     frozen["reference"] = nnx.split(_model(2), nnx.Param, ...)[1]
-    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
-    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)  # as PPOTask.frozen stores them
     full_exp = task._rollout(policy, frozen, batch, jax.random.key(4), jnp.float32(0.1))
     half_exp = task._rollout(policy, half, batch, jax.random.key(4), jnp.float32(0.1))
     np.testing.assert_array_equal(np.asarray(half_exp["tokens"]), np.asarray(full_exp["tokens"]))  # the policy's own

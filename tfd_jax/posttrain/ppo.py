@@ -22,7 +22,8 @@ decode loop as ``generate``, whose log-probabilities are the old policy's), and 
   cut off before ``<|end|>``);
 * each answer token's KL to the reference (``losses.kl_estimate``, estimator ``kl_estimator``);
   with ``kl_placement="reward"`` (the InstructGPT recipe) ``-kl_coef * kl`` is added to every token's
-  reward, with ``"loss"`` it is a term of the loss instead (``kl_coef`` times its mean);
+  reward, with ``"loss"`` it is a term of the loss instead (``kl_coef`` times its mean; k2 or k3
+  there, as the mean k1 of the old policy's samples has next to no gradient);
 * values and GAE advantages (``losses.gae``; whitened) and returns.
 
 That experience is kept in the training state (``state["buffer"]``), so a run resumed in the middle
@@ -30,6 +31,9 @@ of a rollout's updates carries on with exactly the same experience. Each step th
 minibatch of it (a fresh permutation per epoch): ``ppo_policy_loss + vf_coef * value_loss``.
 ``kl_target`` (not None) makes ``kl_coef`` adaptive (``losses.adaptive_kl_update``, after each
 rollout).
+
+Answers are sampled at temperature 1 from the full distribution, so the sampler's log-probabilities
+are the old policy's own (another temperature would make the update off-policy).
 
 ``metrics.jsonl`` logs per step: ``reward`` (the reward model's mean score), ``kl`` (mean summed k1
 log-ratio per answer), ``kl_coef``, ``entropy`` (mean per answer token), ``clip_fraction``,
@@ -104,6 +108,7 @@ class PPOTask(Task):
     fresh_params = ("value_head",)
     special_tokens = CHAT_TOKENIZER_SPECIALS
     extra_special_tokens = CHAT_SPECIAL_TOKENS
+    takes_reward_model = True
     # Measured on the built-in task from the pipeline's SFT run (400 steps, 100 rollouts of 32): a
     # constant 1e-4 raised the held-out rule score 0.105 -> 0.485 at a KL of 3.1 nats; 3e-5 only
     # reached 0.21 in 200 steps, 3e-4 0.46 at a KL of 8.1.
@@ -114,19 +119,25 @@ class PPOTask(Task):
     def __init__(self, *, response_length: int = 48, epochs: int = 2, minibatches: int = 2, clip: float = 0.2,
                  value_clip: float = 0.2, vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95,
                  kl_coef: float = 0.05, kl_estimator: str = "k1", kl_placement: str = "reward",
-                 kl_target: float | None = None, kl_horizon: float = 10_000.0, temperature: float = 1.0,
+                 kl_target: float | None = None, kl_horizon: float = 10_000.0,
                  missing_eos_penalty: float = 1.0, frozen_dtype: str | None = None, prompts: int = 4000,
                  eval_prompts: int = 200):
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
         if kl_placement not in ("reward", "loss"):
             raise ValueError(f"kl_placement must be 'reward' or 'loss', got {kl_placement!r}")
+        if kl_placement == "loss" and kl_estimator == "k1":
+            # the mean log-ratio of samples from the old policy has (nearly) zero gradient: no penalty at all
+            raise ValueError("kl_placement='loss' needs a KL estimator whose gradient is the KL's: use 'k2' or 'k3'")
+        for name, v in (("response_length", response_length), ("epochs", epochs), ("minibatches", minibatches)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if frozen_dtype not in (None, "bfloat16", "float32"):
             raise ValueError(f"frozen_dtype must be None, 'bfloat16' or 'float32', got {frozen_dtype!r}")
         self.response_length, self.epochs, self.minibatches = response_length, epochs, minibatches
         self.clip, self.value_clip, self.vf_coef, self.gamma, self.lam = clip, value_clip, vf_coef, gamma, lam
         self.kl_coef, self.kl_estimator, self.kl_placement = kl_coef, kl_estimator, kl_placement
-        self.kl_target, self.kl_horizon, self.temperature = kl_target, kl_horizon, temperature
+        self.kl_target, self.kl_horizon = kl_target, kl_horizon
         self.missing_eos_penalty, self.frozen_dtype = missing_eos_penalty, frozen_dtype
         self.prompts, self.eval_prompts = prompts, eval_prompts
 
@@ -142,6 +153,13 @@ class PPOTask(Task):
                             "pairs with the policy's tokenizer) to score the answers")
         elif not rundir.is_run(cfg.reward_model):
             problems.append(f"--reward-model {cfg.reward_model} is not a run directory (no config.json)")
+        else:
+            from tfd_jax.train.checkpoint import read_config
+
+            arch = read_config(cfg.reward_model).get("arch", "gpt")
+            if arch != "reward":
+                problems.append(f"--reward-model {cfg.reward_model} holds a {arch} model, not a reward model; "
+                                "train one with --task reward")
         if cfg.init_from is None and not cfg.resume:
             problems.append("--task ppo starts from a fine-tuned model: give --init-from RUN (e.g. the SFT run)")
         if cfg.seq_len <= self.response_length:
@@ -275,7 +293,8 @@ class PPOTask(Task):
 
         prompts, plen = batch["prompt_tokens"], batch["prompt_length"]
         N, L = self.N, self.P + self.N
-        out = rollout_traced(policy, prompts, plen, N, key=key, temperature=self.temperature, eos_id=self.end_id,
+        # at temperature 1: the answers come from the policy itself, so its log-probs are the old policy's
+        out = rollout_traced(policy, prompts, plen, N, key=key, temperature=1.0, eos_id=self.end_id,
                              pad_id=self.pad_id)
         t = jnp.arange(L)[None, :]
         k = t - plen[:, None]  # index into the answer

@@ -133,7 +133,7 @@ def validate(cfg: TrainConfig, task=None) -> None:
     from tfd_jax.data.pipeline import SAMPLINGS
     from tfd_jax.models import registry
     from tfd_jax.train.precision import PRECISIONS
-    from tfd_jax.train.tasks import TASKS
+    from tfd_jax.train.tasks import TASKS, Task
 
     problems = []
 
@@ -197,6 +197,20 @@ def validate(cfg: TrainConfig, task=None) -> None:
     bad_steps = [s for s in cfg.debug_nan_steps if not (is_int(s) and s >= 1)]
     if bad_steps:
         problems.append(f"--debug-nan-at takes step numbers >= 1, got {bad_steps}")
+    chosen = task if task is not None else (TASKS[cfg.task] if cfg.task in TASKS else None)
+    if chosen is not None:
+        task_cls = chosen if isinstance(chosen, type) else type(chosen)
+        fields = {f.name for f in dataclasses.fields(registry.ARCHS[arch][0])} if arch in registry.ARCHS else set()
+        if any(k in cfg.model_overrides for k in ("lora_rank", "lora_alpha", "lora_targets")) and fields \
+                and "lora_rank" not in fields:
+            problems.append(f"--lora: LoRA adapters are for GPT models (--arch gpt or reward), not --arch {arch}")
+        if cfg.reference and cfg.model_overrides.get("lora_rank"):
+            problems.append("--reference with --lora: with adapters the reference is the model with them switched "
+                            "off; drop one of the two")
+        if cfg.reference and task_cls.frozen is Task.frozen:
+            problems.append(f"--reference is for tasks with a reference model (dpo, ppo), not --task {cfg.task}")
+        if cfg.reward_model and not getattr(task_cls, "takes_reward_model", False):
+            problems.append(f"--reward-model is for --task ppo, not --task {cfg.task}")
     if not problems and (task is not None or cfg.task in TASKS):
         problems += (task or TASKS[cfg.task]()).check(cfg)
     if problems:

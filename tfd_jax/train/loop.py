@@ -178,6 +178,10 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
         from tfd_jax.train.init import check_model_config
 
         check_model_config(cfg.init_from, source.model_config, planned)
+    try:  # the model itself (e.g. LoRA targets that name no layer), still before anything is written
+        nnx.eval_shape(lambda: registry.build(arch, planned, nnx.Rngs(0)))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
 
     def make():
         replacing = rundir.RunLock.acquire(out) if mode == "replace" else None
@@ -195,6 +199,11 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
                 except ValueError as e:
                     raise TrainingError(f"--init-from {cfg.init_from}: --task {task.name} needs the special tokens "
                                         f"{', '.join(task.extra_special_tokens)}, and {e}") from None
+                if grown is not given and getattr(planned, "lora_rank", 0):
+                    raise TrainingError(f"--init-from {cfg.init_from}: its tokenizer lacks "
+                                        f"{', '.join(task.extra_special_tokens)}, whose new embeddings must train, and "
+                                        "with --lora only the adapters do; fine-tune without --lora (or from a run "
+                                        "that has them)")
                 if grown is not given:
                     added = ", ".join(t for t in grown.special_tokens if t not in given.special_tokens)
                     log(f"--init-from's tokenizer gains {added} (ids {given.vocab_size}..{grown.vocab_size - 1}; "
@@ -516,7 +525,8 @@ def _restore(run: _Run, task: Task, m: _Model, checkpointer, log, is_main: bool)
             from tfd_jax.train.init import load_weights
 
             p, f = load_weights(cfg.init_from, run.arch, run.model_cfg, m.graphdef, state["params"],
-                                state.get("fixed", nnx.State({})), m.rest, m.param_shardings)
+                                state.get("fixed", nnx.State({})), m.rest, m.param_shardings,
+                                fresh=task.fresh_params)
             state = jax.jit(m.new_state, out_shardings=m.state_sh)(p, f)
             log(f"initialised from {cfg.init_from}")
     else:
@@ -807,6 +817,9 @@ def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
     special = {"params": p_sh, "opt_state": opt_sh, "fixed": f_sh}
+    if "buffer" in abstract_state:  # a task's experience: rows over the batch axes, like a batch
+        rows = shd.batch_sharding(rep.mesh, 1)
+        special["buffer"] = jax.tree.map(lambda x: rows if x.ndim else rep, abstract_state["buffer"])
     return {k: special[k] if special.get(k) is not None else jax.tree.map(lambda _: rep, abstract_state[k])
             for k in abstract_state}
 
