@@ -35,7 +35,7 @@ from tfd_jax.train.tasks import LMTask
 
 __all__ = ["ChatPretrainTask", "run_pipeline", "sample_and_score"]
 
-#: training steps of each stage by default (about 4 CPU minutes in all with the tiny preset)
+#: training steps of each stage by default (about 3 minutes in all on a 2-core CPU with the tiny preset)
 DEFAULT_STEPS = {"pretrain": 1500, "sft": 800, "reward": 300, "ppo": 400, "dpo": 400}
 
 

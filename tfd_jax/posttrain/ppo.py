@@ -146,6 +146,7 @@ class PPOTask(Task):
     def check(self, cfg) -> list[str]:
         """Problems with the run's settings, found before anything is written."""
         from tfd_jax.train import rundir
+        from tfd_jax.train.checkpoint import read_config
 
         problems = []
         if cfg.reward_model is None:
@@ -154,9 +155,8 @@ class PPOTask(Task):
         elif not rundir.is_run(cfg.reward_model):
             problems.append(f"--reward-model {cfg.reward_model} is not a run directory (no config.json)")
         else:
-            from tfd_jax.train.checkpoint import read_config
-
-            arch = read_config(cfg.reward_model).get("arch", "gpt")
+            reward_run = read_config(cfg.reward_model)
+            arch = reward_run.get("arch", "gpt")
             if arch != "reward":
                 problems.append(f"--reward-model {cfg.reward_model} holds a {arch} model, not a reward model; "
                                 "train one with --task reward")
@@ -172,9 +172,7 @@ class PPOTask(Task):
         if not problems and cfg.init_from is not None:
             problems += self._tokenizer_problems(cfg.init_from, cfg.reward_model)
         if not problems:
-            from tfd_jax.train.checkpoint import read_config
-
-            context = read_config(cfg.reward_model)["model"].get("context_length", 0)
+            context = reward_run["model"].get("context_length", 0)
             if context < cfg.seq_len:
                 problems.append(f"the reward model ({cfg.reward_model}) reads at most {context} tokens, fewer than a "
                                 f"prompt and its answer (--seq-len {cfg.seq_len}); lower --seq-len")

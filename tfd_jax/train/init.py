@@ -128,6 +128,32 @@ def check_model_config(path: str, source_cfg, model_cfg) -> None:
                             f"({shown}); only {', '.join(sorted(FREE_FIELDS))} may differ")
 
 
+def source_tokenizer(source: Source, task, *, lora: bool, log):
+    """``--init-from``'s tokenizer for a run of ``task``: with the task's ``extra_special_tokens``
+    added when it lacks them (new ids after its last; :func:`load_weights` gives the model as many
+    new embedding rows, started at the mean of the others). Refused, as a ``TrainingError``, for a
+    tokenizer that cannot grow and for LoRA (the new rows would never train)."""
+    given = source.tokenizer
+    if not task.extra_special_tokens:
+        return given
+    needed = ", ".join(task.extra_special_tokens)
+    try:
+        grown = given.with_special_tokens(task.extra_special_tokens)
+    except ValueError as e:
+        raise TrainingError(f"--init-from {source.path}: --task {task.name} needs the special tokens {needed}, "
+                            f"and {e}") from None
+    if grown is given:
+        return given
+    if lora:
+        raise TrainingError(f"--init-from {source.path}: its tokenizer lacks {needed}, whose new embeddings must "
+                            "train, and with --lora only the adapters do; fine-tune without --lora (or from a run "
+                            "that has them)")
+    added = ", ".join(t for t in grown.special_tokens if t not in given.special_tokens)
+    log(f"--init-from's tokenizer gains {added} (ids {given.vocab_size}..{grown.vocab_size - 1}; their embeddings "
+        "start at the mean of the others)")
+    return grown
+
+
 def _grow_vocab(value, shape, vocab_size: int):
     """A token table (or output head) of ``vocab_size`` entries along one axis, extended to
     ``shape`` with new entries equal to the mean of the old ones (a neutral start for added

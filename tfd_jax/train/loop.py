@@ -192,23 +192,11 @@ def _open_run(cfg: TrainConfig, task: Task, log) -> _Run:
                 replacing.release()
             raise
         try:
-            given = source.tokenizer if source else None
-            if given is not None and task.extra_special_tokens:
-                try:
-                    grown = given.with_special_tokens(task.extra_special_tokens)
-                except ValueError as e:
-                    raise TrainingError(f"--init-from {cfg.init_from}: --task {task.name} needs the special tokens "
-                                        f"{', '.join(task.extra_special_tokens)}, and {e}") from None
-                if grown is not given and getattr(planned, "lora_rank", 0):
-                    raise TrainingError(f"--init-from {cfg.init_from}: its tokenizer lacks "
-                                        f"{', '.join(task.extra_special_tokens)}, whose new embeddings must train, and "
-                                        "with --lora only the adapters do; fine-tune without --lora (or from a run "
-                                        "that has them)")
-                if grown is not given:
-                    added = ", ".join(t for t in grown.special_tokens if t not in given.special_tokens)
-                    log(f"--init-from's tokenizer gains {added} (ids {given.vocab_size}..{grown.vocab_size - 1}; "
-                        "their embeddings start at the mean of the others)")
-                given = grown
+            given = None
+            if source is not None:
+                from tfd_jax.train.init import source_tokenizer
+
+                given = source_tokenizer(source, task, lora=bool(getattr(planned, "lora_rank", 0)), log=log)
             tokenizer, train_tf, val_tf = _prepare_data(cfg, task, staging.path, log, tokenizer=given)
             _check_iterators(cfg, task, tokenizer, train_tf, val_tf)
             model_cfg = model_config_for(cfg, tokenizer.vocab_size, precision, arch,

@@ -98,7 +98,8 @@ def make_train_step(
     """Build ``step(state, batch, poison, frozen) -> (state, metrics)`` (not yet jitted; the Trainer jits it).
 
     ``loss_fn(model, batch, frozen) -> (loss_sum, count, metric sums)``, ``prepare(batch, key)`` and
-    ``experience(policy, frozen, buffer, batch, step, key)`` as in the module notes; ``graphdef`` and ``rest`` are from :func:`split_model`.
+    ``experience(policy, frozen, buffer, batch, step, key)`` as in the module notes; ``graphdef`` and
+    ``rest`` are from :func:`split_model`.
 
     The loss is the mean over all counted tokens (or examples) of the whole batch. With ``grad_accum = A`` the
     batch is cut into A micro-batches (row ``i`` goes to micro-batch ``i mod A``, so each one keeps
