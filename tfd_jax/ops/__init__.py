@@ -5,6 +5,7 @@ Every function documents its shapes and the chapter it implements; see the modul
 from tfd_jax.ops.attention import (
     attention,
     attention_mask,
+    attention_scores,
     attention_weights,
     causal_mask,
     combine_masks,
@@ -47,6 +48,7 @@ __all__ = [
     "apply_temperature",
     "attention",
     "attention_mask",
+    "attention_scores",
     "attention_weights",
     "causal_mask",
     "check_sampling_args",

@@ -154,6 +154,31 @@ def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
     return x if K == num_heads else jnp.repeat(x, num_heads // K, axis=2)
 
 
+def attention_scores(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+    """The scores before the softmax, ``Q K^T * scale + bias``, in float32 (Chapter 5, Part 4).
+
+    Args:
+      q: ``[B, T, H, D]``; k: ``[B, S, K, D]`` (``K`` divides ``H``; see :func:`repeat_kv`).
+      scale: None is the course's ``1 / sqrt(D)``: for q and k with unit-variance entries it keeps
+        the scores' variance near 1 whatever ``D`` is, so the softmax does not saturate (T5 uses 1).
+      bias: float, broadcastable to ``[B, H, T, S]`` (T5's relative position bias).
+    Returns:
+      float32 ``[B, H, T, S]``.
+    """
+    k = repeat_kv(k, q.shape[2])
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    return scores
+
+
 def attention_weights(
     q: jax.Array,
     k: jax.Array,
@@ -173,11 +198,7 @@ def attention_weights(
     Returns:
       float32 ``[B, H, T, S]``; each row sums to 1.
     """
-    k = repeat_kv(k, q.shape[2])
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
+    scores = attention_scores(q, k, scale=scale, bias=bias)
     if mask is not None:
         scores = jnp.where(mask, scores, _MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1)
