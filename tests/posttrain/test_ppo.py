@@ -232,6 +232,13 @@ def test_ppo_resumes_exactly_after_kill_9_in_the_middle_of_a_rollouts_updates(sf
     assert max(r["clip_fraction"] for r in ref) > 0  # later updates move the policy far enough to clip
     assert {"entropy", "explained_variance", "response_length", "kl_coef"} <= set(ref[-1])
     assert "rule_score" in resumed
+    # tfd-jax plot on this real run: its curves, and the reward and KL of RLHF
+    from matplotlib.image import imread
+
+    assert main(["plot", str(ref_dir), "--dpi", "60"]) == 0
+    for name in ("training", "rlhf", "metrics"):
+        img = imread(ref_dir / "plots" / f"{name}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 300 and img[..., :3].std() > 0.05, name
     # the same run on this process's eight devices (data=8; the experience's rows split over them):
     # the first rollout's updates give the one-device losses
     from tfd_jax.train.metrics import read_metrics

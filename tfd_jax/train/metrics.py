@@ -155,30 +155,14 @@ def read_metrics(run_dir: str | os.PathLike, *, warn=None) -> list[dict]:
 
 
 def plot_loss(run_dir: str | os.PathLike) -> Path | None:
-    """Draw ``loss.png`` (train and validation loss against step); None if matplotlib is missing."""
+    """Draw ``loss.png`` (train and validation loss, learning rate and gradient norm against step,
+    :func:`tfd_jax.viz.training_curves`); None if matplotlib is missing or nothing was logged."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        from tfd_jax.viz import save, training_curves
+    except ModuleNotFoundError:
         return None
-    records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    if not train and not val:
+    try:
+        fig = training_curves(read_metrics(run_dir))
+    except ValueError:  # nothing logged yet
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, Path(run_dir) / "loss.png", dpi=110)

@@ -1,0 +1,41 @@
+"""Pictures of the course's ideas and of training runs (matplotlib, headless); see
+:mod:`tfd_jax.viz.pictures` for the list. ``tfd-jax plot RUN`` writes a run's curves as PNG files."""
+from tfd_jax.viz.pictures import (
+    CMAP,
+    MASKED_COLOR,
+    Picture,
+    attention_map,
+    bpe_merge_table,
+    compare_runs,
+    kv_cache_memory,
+    mask_patterns,
+    metric_curves,
+    metric_names,
+    positional_heatmap,
+    positional_waves,
+    rlhf_curves,
+    sampling_distributions,
+    save,
+    to_rgba_array,
+    training_curves,
+)
+
+__all__ = [
+    "CMAP",
+    "MASKED_COLOR",
+    "Picture",
+    "attention_map",
+    "bpe_merge_table",
+    "compare_runs",
+    "kv_cache_memory",
+    "mask_patterns",
+    "metric_curves",
+    "metric_names",
+    "positional_heatmap",
+    "positional_waves",
+    "rlhf_curves",
+    "sampling_distributions",
+    "save",
+    "to_rgba_array",
+    "training_curves",
+]
