@@ -19,6 +19,8 @@ COMMANDS = {
     "generate": "tfd_jax.decode.cli",
     "pipeline": "tfd_jax.posttrain.pipeline",
     "chat": "tfd_jax.posttrain.chat",
+    "quiz": "tfd_jax.quiz",
+    "plot": "tfd_jax.viz.cli",
 }
 
 
