@@ -17,7 +17,6 @@ check fails).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -250,15 +249,20 @@ def _e3_gradient_highway():
             x = x + y if residual else y
         return x
 
-    g_res = jax.jit(jax.jacobian(lambda x: stack(x, True)))(x)
-    g_plain = jax.jit(jax.jacobian(lambda x: stack(x, False)))(x)
-    s_res = float(jnp.linalg.norm(g_res, 2))
-    s_plain = float(jnp.linalg.norm(g_plain, 2))
-    one = jax.jacobian(lambda x: x + ops.feed_forward(x, *layers[0][:1], None, layers[0][1], None))(x)
-    identity_part = float(jnp.abs(jnp.diag(one) - 1).max())
+    u = _normal(51, (M,))
+    u = u / jnp.linalg.norm(u)  # a unit gradient arriving at the top of the stack
+
+    @jax.jit
+    def backward(x):  # |u^T d out / d in| with and without residuals, and one layer's Jacobian
+        g_res = jax.vjp(lambda x: stack(x, True), x)[1](u)[0]
+        g_plain = jax.vjp(lambda x: stack(x, False), x)[1](u)[0]
+        one = jax.jacfwd(lambda x: x + ops.feed_forward(x, layers[0][0], None, layers[0][1], None))(x)
+        return jnp.linalg.norm(g_res), jnp.linalg.norm(g_plain), jnp.abs(jnp.diag(one) - 1).max()
+
+    s_res, s_plain, identity_part = map(float, backward(x))
     ok = 0.5 < s_res < 2.0 and s_plain < 1e-6
-    return ok, (f"gradient size (largest singular value of d out / d in) through {L} layers: {s_res:.3f} with "
-                f"residuals, {s_plain:.1e} without; one residual layer's Jacobian is I + small (diagonal within "
+    return ok, (f"a unit gradient at the top of {L} layers reaches the input with size {s_res:.3f} through "
+                f"residuals and {s_plain:.1e} without; one residual layer's Jacobian is I + small (diagonal within "
                 f"{identity_part:.3f} of 1)")
 
 
@@ -324,30 +328,25 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def _build(cls, config):
-    """``cls(config)`` in eval mode, initialised inside one jitted function (on a CPU several times
-    faster than creating the parameters op by op)."""
+def _apply(cls, config, fn, *args):
+    """``fn(model, *args)`` for a fresh ``cls(config)`` in eval mode, built and run inside one jitted
+    function (on a CPU much faster than creating the parameters op by op and compiling twice)."""
     import jax
     from flax import nnx
 
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(cls(config, rngs=nnx.Rngs(0)))[1])())
-    model.eval()
-    return model
+    def run(*a):
+        model = cls(config, rngs=nnx.Rngs(0))
+        model.eval()
+        return fn(model, *a)
+
+    return jax.jit(run)(*args)
 
 
-def _call(model, method: str | None, *args):
-    """``model(*args)`` (or ``model.method(*args)``), jitted."""
-    from flax import nnx
-
-    return nnx.jit(lambda m, *a: (getattr(m, method) if method else m)(*a))(model, *args)
-
-
-@functools.lru_cache(maxsize=1)
-def _gpt(vocab: int = 50):  # built once (checks only read it; each call traces its forward anew)
+def _gpt_logits(tokens):
+    """The course's GPT (random weights, vocabulary 50): logits ``[B, T, 50]``."""
     from tfd_jax.models import GPT, GPTConfig
 
-    return _build(GPT, GPTConfig.preset("course", vocab_size=vocab, attention_impl="reference"))
+    return _apply(GPT, GPTConfig.preset("course", vocab_size=50, attention_impl="reference"), lambda m, t: m(t), tokens)
 
 
 def _e6_decoder_only():
@@ -355,9 +354,8 @@ def _e6_decoder_only():
     it, so changing a later token changes nothing earlier."""
     import jax.numpy as jnp
 
-    model = _gpt()
     a = jnp.array([3, 7, 11, 19, 23])
-    logits = _call(model, None, jnp.stack([a, a.at[3].set(42)]))  # both sentences in one batch
+    logits = _gpt_logits(jnp.stack([a, a.at[3].set(42)]))  # both sentences in one batch
     before = float(jnp.abs(logits[0, :3] - logits[1, :3]).max())
     after = float(jnp.abs(logits[0, 3:] - logits[1, 3:]).max())
     ok = before < 1e-6 and after > 1e-4
@@ -374,11 +372,10 @@ def _e7_encoder_vs_decoder():
     from tfd_jax.models import Bert, BertConfig
     att = _attention_module()
 
-    bert = _build(Bert, BertConfig.preset("course-encoder", vocab_size=50))
-    gpt = _gpt()
     a = jnp.array([3, 7, 11, 19])
     pair = jnp.stack([a, a.at[3].set(42)])
-    h, logits = _call(bert, "encode", pair), _call(gpt, None, pair)
+    h = _apply(Bert, BertConfig.preset("course-encoder", vocab_size=50), lambda m, t: m.encode(t), pair)
+    logits = _gpt_logits(pair)
     enc = float(jnp.abs(h[0, 0] - h[1, 0]).max())
     dec = float(jnp.abs(logits[0, 0] - logits[1, 0]).max())
     pos = jnp.arange(4)[None]
@@ -400,14 +397,14 @@ def _e8_encoder_decoder():
 
     from tfd_jax.models import EncoderDecoder, Seq2SeqConfig
 
-    model = _build(EncoderDecoder, Seq2SeqConfig.preset("tiny", vocab_size=40))
     src = jnp.array([5, 6, 7, 8, 9, 10, 11])  # 7 source tokens
     tgt = jnp.array([[1, 12, 13]])  # 3 target tokens
     # row 0 the source, row 1 + s the source with token s changed: one batch
     srcs = jnp.concatenate([src[None], jnp.stack([src.at[s].set(30) for s in range(7)])])
-    out = _call(model, None, srcs, jnp.repeat(tgt, 8, axis=0))[:, 0]  # the first target position's logits
+    out, maps = _apply(EncoderDecoder, Seq2SeqConfig.preset("tiny", vocab_size=40),
+                       lambda m, s, t: (m(s, jnp.repeat(t, 8, axis=0))[:, 0],  # the first target position
+                                        m.cross_attention_weights(s[:1], t)), srcs, tgt)
     moved = [float(x) for x in jnp.abs(out[1:] - out[0]).max(-1)]
-    maps = _call(model, "cross_attention_weights", src[None], tgt)
     shape = tuple(maps[0].shape[-2:])
     ok = min(moved) > 1e-5 and shape == (3, 7) and bool(jnp.all(maps[0] > 0))
     return ok, (f"the first target token's logits move when any of the 7 source tokens changes (smallest change "
