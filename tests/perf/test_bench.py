@@ -120,3 +120,28 @@ def test_bench_compare_runs_end_to_end_and_ends_with_the_ratio():
     assert train["tfd_jax"]["flops_per_token"] == train["torch"]["flops_per_token"]
     assert train["tfd_jax"]["recompiled_while_timing"] is False
     assert train["tfd_jax"]["scan_layers"] is True
+    # Kernels per decoded token, counted in the compiled loop (no profiler): a positive figure.
+    for r in lines:
+        if r["what"] == "decode" and r["impl"] == "tfd_jax":
+            assert r["loop"] in ("while", "fixed") and r["kernels_per_token"] > 0, r
+
+
+def test_torch_reference_fused_adamw_equals_the_for_each_update():
+    """The peer's fast optimizer path (fused AdamW, CPU too) takes the same steps as the for-each one."""
+    cfg = CONFIGS["shakespeare-cpu: no biases, tied head"].to_dict()
+    cfg = {**cfg, "d_ff": 4 * cfg["d_model"]}
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    params = []
+    for fused in (None, False):
+        torch.manual_seed(0)
+        peer = tr.TorchGPT(cfg)
+        opt, sched = tr.make_optimizer(peer, dict(tr.DEFAULT_OPTIM, warmup_steps=0), 10, fused=fused)
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(peer(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        params.append([p.detach().clone() for p in peer.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -13,6 +13,14 @@ token or a length limit. Here that loop is two compiled programs:
    position, writing its K/V in place. The loop ends when every row has produced an EOS, reached
    ``max_new_tokens`` or filled its cache. No value returns to Python between tokens.
 
+   A whole generation (not a stream) can instead run as a loop of exactly ``N`` steps (the output
+   buffer's width), ``loop="fixed"``: finished rows are masked, as they already are while other
+   rows run, so the tokens, log-probabilities and lengths are the same, but the trip count is a
+   constant the compiler knows. On a GPU that spares the runtime copying the loop condition to
+   the host after every token, and lets the whole loop be one command buffer (CUDA graph); on a
+   CPU the early exit is worth more. ``loop="auto"`` (the default) picks ``"fixed"`` on GPUs when
+   no EOS can end the rows early and ``"while"`` otherwise; ``TFD_JAX_DECODE_LOOP`` overrides it.
+
 Ragged prompts are exact. Row ``b`` with ``n_b`` real tokens holds padding K/V at positions
 ``n_b..P-1`` after prefill, but its first new token is fed at position ``n_b`` (over the padding),
 the next at ``n_b + 1``, and so on. A query at position ``p`` only attends keys ``s <= p``
@@ -35,8 +43,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from functools import partial
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -220,20 +229,58 @@ def _decode_step(model, s: DecodeState, knobs: _Knobs, spec: SamplingSpec) -> De
                        num_new=num_new, done=done, rng=rng, step=s.step + 1)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("dstate",))
-def _decode_loop(graphdef, state, dstate: DecodeState, stop_at, knobs: _Knobs, *, spec):
-    """Run the loop until every row is done or ``step == stop_at`` (the chunk end when streaming)."""
+#: ``"while"``: stop as soon as every row is done; ``"fixed"``: exactly ``N`` steps, finished rows
+#: masked (whole generations only); ``"auto"``: see :func:`decode_loop_kind`.
+DecodeLoop = Literal["auto", "while", "fixed"]
+
+
+def decode_loop_kind(loop: DecodeLoop = "auto", *, can_stop_early: bool = True) -> str:
+    """The loop a whole generation runs: ``"while"`` or ``"fixed"``.
+
+    ``"auto"`` reads ``TFD_JAX_DECODE_LOOP`` (``while`` / ``fixed``) if set; otherwise ``"fixed"`` on
+    a GPU when no EOS can stop rows early (``can_stop_early=False``: the fixed loop then does no
+    extra work, and the GPU runtime never waits on the loop condition), else ``"while"`` (CPUs and
+    TPUs gain nothing from a known trip count, and an early exit saves whole forward passes).
+    """
+    if loop == "auto":
+        loop = os.environ.get("TFD_JAX_DECODE_LOOP", "auto").strip().lower() or "auto"
+    if loop == "auto":
+        return "fixed" if jax.default_backend() == "gpu" and not can_stop_early else "while"
+    if loop not in ("while", "fixed"):
+        raise ValueError(f"unknown decode loop {loop!r}; choose 'auto', 'while' or 'fixed'")
+    return loop
+
+
+@partial(jax.jit, static_argnames=("graphdef", "spec", "loop"), donate_argnames=("dstate",))
+def _decode_loop(graphdef, state, dstate: DecodeState, stop_at, knobs: _Knobs, *, spec, loop="while"):
+    """Run the loop until every row is done or ``step == stop_at`` (the chunk end when streaming);
+    ``loop="fixed"``: all ``N`` steps from step 0 (``stop_at`` must then be ``max_new_tokens``)."""
     TRACE_COUNTS["decode_loop"] += 1
-    return _loop_model(_eval_model(graphdef, state), dstate, stop_at, knobs, spec)
+    return _loop_model(_eval_model(graphdef, state), dstate, stop_at, knobs, spec, loop)
 
 
-def _loop_model(model, dstate: DecodeState, stop_at, knobs: _Knobs, spec: SamplingSpec) -> DecodeState:
-    """:func:`_decode_loop`'s body for a model object (traceable inside any jitted function)."""
+def _loop_model(model, dstate: DecodeState, stop_at, knobs: _Knobs, spec: SamplingSpec,
+                loop: str = "while") -> DecodeState:
+    """:func:`_decode_loop`'s body for a model object (traceable inside any jitted function).
+
+    ``"while"`` checks after every token whether to go on. ``"fixed"`` runs ``N`` (the output
+    buffer's width) steps from a fresh state: a row is done after its ``max_new_tokens``-th token
+    (or EOS, or a full cache) either way, and a done row only writes ``pad_id``, so the tokens,
+    log-probabilities and counts are the same; the carried logits, cache and step are not (steps
+    past the end feed pad tokens), which is why streaming, which continues from them, uses
+    ``"while"``.
+    """
+
+    def step(s):
+        return _decode_step(model, s, knobs, spec)
+
+    if loop == "fixed":
+        return jax.lax.fori_loop(0, dstate.tokens.shape[1], lambda _, s: step(s), dstate)
 
     def cond(s):
         return (s.step < stop_at) & ~jnp.all(s.done)
 
-    return jax.lax.while_loop(cond, lambda s: _decode_step(model, s, knobs, spec), dstate)
+    return jax.lax.while_loop(cond, step, dstate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +494,8 @@ def generate_stream(
         if done.all() or step >= max_new_tokens:
             return
         stop_at = jnp.asarray(min(step + (chunk_size if step else 1), max_new_tokens), jnp.int32)
-        dstate = _decode_loop(graphdef, state, dstate, stop_at, plan.knobs, spec=plan.spec)
+        # "while", spelled out: the same cache entry as generate's (jit keys on the keywords given).
+        dstate = _decode_loop(graphdef, state, dstate, stop_at, plan.knobs, spec=plan.spec, loop="while")
 
 
 def generate(
@@ -462,6 +510,7 @@ def generate(
     eos_id: int | None = None,
     pad_id: int | None = None,
     source=None,
+    loop: DecodeLoop = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continue each prompt by up to ``max_new_tokens`` tokens (Chapter 13's loop, with a KV cache).
 
@@ -480,12 +529,14 @@ def generate(
       pad_id: fills the output after a row stops; defaults to ``eos_id``, or 0.
       source: an encoder-decoder's inputs, one token-id list per row (lengths may differ); it is
         encoded once, and each layer's cross-attention keys/values with it (Chapter 19, Part 5).
+      loop: ``"while"`` (stop when every row is done), ``"fixed"`` (a loop of known trip count,
+        finished rows masked; the same tokens) or ``"auto"`` (:func:`decode_loop_kind`).
     Returns:
       ``(tokens, lengths)``: int32 numpy ``[B, max_new_tokens]`` and ``[B]``, where row ``b``'s new tokens
       are ``tokens[b, :lengths[b]]``.
     """
     out = rollout(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  key=jax.random.key(seed), eos_id=eos_id, pad_id=pad_id, source=source)
+                  key=jax.random.key(seed), eos_id=eos_id, pad_id=pad_id, source=source, loop=loop)
     tokens, lengths = jax.device_get((out.tokens, out.lengths))
     return np.asarray(tokens[:, :max_new_tokens], np.int32), np.asarray(lengths, np.int32)
 
@@ -517,6 +568,7 @@ def rollout(
     eos_id: int | None = None,
     pad_id: int | None = None,
     source=None,
+    loop: DecodeLoop = "auto",
 ) -> Rollout:
     """Sample responses and keep everything on the device: tokens, their log-probabilities and the
     response mask (what policy-gradient training, Chapter 18, needs from a generation).
@@ -528,7 +580,9 @@ def rollout(
     plan = plan_generation(model.config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, eos_id=eos_id, pad_id=pad_id, source=source)
     graphdef, state, dstate = _start(model, plan, key)
-    dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec)
+    # A fixed loop runs the whole bucket; it does no extra work only when max_new_tokens fills it.
+    kind = decode_loop_kind(loop, can_stop_early=eos_id is not None or max_new_tokens < plan.out_length)
+    dstate = _decode_loop(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec, loop=kind)
     mask = jnp.arange(dstate.tokens.shape[1])[None, :] < dstate.num_new[:, None]
     return Rollout(dstate.tokens, dstate.log_probs, mask, dstate.num_new)
 
@@ -543,6 +597,7 @@ def rollout_traced(
     temperature: float | jax.Array = 1.0,
     eos_id: int | jax.Array = -1,
     pad_id: int | jax.Array = 0,
+    loop: DecodeLoop = "auto",
 ) -> Rollout:
     """:func:`rollout` as a traceable function, for use inside a jitted program of one's own (PPO's
     training step samples its rollouts this way; Chapter 18). The same prefill and decode loop,
@@ -552,7 +607,8 @@ def rollout_traced(
     ``prompt_lengths [B]`` real tokens (>= 1); ``max_new_tokens`` a Python int ``N`` (the output
     width), with ``P + N`` at most the context length; ``eos_id`` -1 for none. Sampling is at
     ``temperature`` from the full distribution (no top-k / top-p). Returns a :class:`Rollout` with
-    ``tokens``, ``log_probs`` and ``mask`` ``[B, N]``, ``lengths [B]``.
+    ``tokens``, ``log_probs`` and ``mask`` ``[B, N]``, ``lengths [B]``. ``loop`` as in :func:`generate`
+    (an ``eos_id`` that is not the Python int -1 counts as one that may stop rows early).
     """
     B, P = prompts.shape
     knobs = _Knobs(max_new=jnp.asarray(max_new_tokens, jnp.int32), eos_id=jnp.asarray(eos_id, jnp.int32),
@@ -561,7 +617,9 @@ def rollout_traced(
     tokens_out = jnp.full((B, max_new_tokens), knobs.pad_id, jnp.int32)
     dstate = _prefill_model(model, prompts, jnp.asarray(prompt_lengths, jnp.int32), tokens_out, key, {},
                             cache_length=P + max_new_tokens)
-    dstate = _loop_model(model, dstate, knobs.max_new, knobs, SamplingSpec(greedy=False, top_k=None, use_top_p=False))
+    kind = decode_loop_kind(loop, can_stop_early=not (isinstance(eos_id, int) and eos_id < 0))
+    dstate = _loop_model(model, dstate, knobs.max_new, knobs, SamplingSpec(greedy=False, top_k=None, use_top_p=False),
+                         kind)
     mask = jnp.arange(max_new_tokens)[None, :] < dstate.num_new[:, None]
     return Rollout(dstate.tokens, dstate.log_probs, mask, dstate.num_new)
 

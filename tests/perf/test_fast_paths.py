@@ -1,0 +1,170 @@
+"""Every fast path equals the plain one on the CPU: values and gradients.
+
+* One fused Q/K/V product (``MultiHeadAttention.query_key_value``, picked by itself for
+  self-attention) against three separate projections: outputs, gradients of every parameter, with
+  and without biases, grouped-query heads, RoPE, LoRA and the cached (decoding) forward.
+* The decode loop of known trip count (``loop="fixed"``) against the early-exit ``while_loop``:
+  the same tokens, log-probabilities and lengths, greedy and sampled with the same key, with and
+  without EOS, and inside a jitted program of one's own (``rollout_traced``).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tfd_jax.decode import decode_loop_kind, generate, rollout, rollout_traced
+from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.nn.transformer import MultiHeadAttention
+
+# -- fused Q/K/V ----------------------------------------------------------------------------------
+
+CONFIGS = {
+    "shakespeare-cpu (no biases, tied)": dict(vocab_size=65, d_model=32, num_heads=4, num_layers=2, context_length=16,
+                                              tie_embeddings=True, qkv_bias=False, out_bias=False, ffn_bias=False),
+    "gpt2 (biases)": dict(vocab_size=61, d_model=32, num_heads=4, num_layers=2, context_length=16),
+    "llama (gqa, rope, rmsnorm)": dict(vocab_size=61, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2,
+                                       context_length=16, positions="rope", norm="rmsnorm", gated_ffn=True,
+                                       activation="silu", qkv_bias=False, out_bias=False, ffn_bias=False),
+    "scan_layers": dict(vocab_size=61, d_model=32, num_heads=4, num_layers=3, context_length=16, scan_layers=True),
+}
+
+
+class plain_qkv:
+    """Within this block, attention runs its three projections apart (the plain path)."""
+
+    def __enter__(self):
+        MultiHeadAttention.fuse_qkv = False
+
+    def __exit__(self, *exc):
+        MultiHeadAttention.fuse_qkv = True
+
+
+def _loss_and_grads(model, tokens):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p, rest)
+        return jnp.mean(m.token_losses(tokens[:, :-1], tokens[:, 1:])), m(tokens)
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_qkv_equals_three_projections(name):
+    cfg = GPTConfig.preset("tiny", **CONFIGS[name])
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 13)), jnp.int32)
+    fused = _loss_and_grads(model, tokens)
+    with plain_qkv():
+        plain = _loss_and_grads(model, tokens)
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-6)
+    flat_f, flat_p = nnx.to_flat_state(fused[2]), nnx.to_flat_state(plain[2])
+    assert [p for p, _ in flat_f] == [p for p, _ in flat_p]
+    for (path, gf), (_, gp) in zip(flat_f, flat_p):
+        np.testing.assert_allclose(gf.get_value(), gp.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_fused_qkv_with_lora_and_cached_forward():
+    cfg = GPTConfig.preset("tiny", **CONFIGS["gpt2 (biases)"], lora_rank=2, lora_targets="attn.q,attn.k,attn.v")
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    # A LoRA update that is not zero, so that leaving it out of the fused product would show.
+    for _, m in nnx.iter_graph(model):
+        if getattr(m, "lora_b", None) is not None:
+            m.lora_b[...] = 0.1 * jnp.ones_like(m.lora_b[...])
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+    fused = _loss_and_grads(model, tokens)
+    with plain_qkv():
+        plain = _loss_and_grads(model, tokens)
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-6)
+    for (path, gf), (_, gp) in zip(nnx.to_flat_state(fused[2]), nnx.to_flat_state(plain[2])):
+        np.testing.assert_allclose(gf.get_value(), gp.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+    out = generate(model, [[1, 2, 3], [4, 5]], 6, temperature=0.0)
+    with plain_qkv():
+        jax.clear_caches()  # the plain path must compile its own programs
+        ref = generate(model, [[1, 2, 3], [4, 5]], 6, temperature=0.0)
+    jax.clear_caches()
+    np.testing.assert_array_equal(out[0], ref[0])
+    np.testing.assert_array_equal(out[1], ref[1])
+
+
+def test_cross_attention_keeps_separate_projections():
+    """Cross-attention's keys come from another sequence: no fused product there."""
+    attn = MultiHeadAttention(16, 2, rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 3, 16))
+    ctx = jnp.linspace(-1, 1, 5 * 16).reshape(1, 5, 16)
+    y = attn(x, context=ctx)
+    q = attn.query(x)
+    k, v = attn.key_value(ctx)
+    np.testing.assert_allclose(y, attn.attend(q, k, v), rtol=1e-6)
+
+
+# -- the decode loop of known trip count ------------------------------------------------------------
+
+PROMPTS = [[5, 17, 3], [8, 1, 2, 3, 4, 5, 6, 7, 9], [42, 42, 11, 60, 2]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = GPTConfig.preset("tiny", vocab_size=97, context_length=64, num_layers=2, tie_embeddings=False)
+    return GPT(cfg, rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=0.0),
+    dict(temperature=1.0, seed=7),
+    dict(temperature=0.8, top_k=20, top_p=0.9, seed=11),
+], ids=["greedy", "sampled", "top-k-top-p"])
+@pytest.mark.parametrize("n_new", [16, 11], ids=["fills-the-bucket", "inside-the-bucket"])
+def test_fixed_loop_equals_while_loop(model, kwargs, n_new):
+    a = generate(model, PROMPTS, n_new, loop="while", **kwargs)
+    b = generate(model, PROMPTS, n_new, loop="fixed", **kwargs)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_fixed_loop_with_eos_equals_while_loop(model):
+    free, _ = generate(model, PROMPTS, 12, temperature=0.0, loop="while")
+    eos = int(free[0, 3])  # row 0 stops at its fourth token
+    kw = dict(temperature=1.0, eos_id=eos, pad_id=0)
+    for seed in (0, 1):
+        a = rollout(model, PROMPTS, 12, key=jax.random.key(seed), loop="while", **kw)
+        b = rollout(model, PROMPTS, 12, key=jax.random.key(seed), loop="fixed", **kw)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    a = generate(model, PROMPTS, 12, temperature=0.0, eos_id=eos, loop="while")
+    b = generate(model, PROMPTS, 12, temperature=0.0, eos_id=eos, loop="fixed")
+    assert a[1][0] == 4
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_fixed_loop_inside_a_jitted_program(model):
+    graphdef, state = nnx.split(model)
+    prompts = jnp.asarray([[5, 17, 3, 0], [8, 1, 2, 3]], jnp.int32)
+    lengths = jnp.asarray([3, 4], jnp.int32)
+
+    @jax.jit
+    def run(state, key):
+        m = nnx.merge(graphdef, state)
+        m.eval()
+        return [rollout_traced(m, prompts, lengths, 8, key=key, eos_id=5, loop=loop) for loop in ("while", "fixed")]
+
+    a, b = run(state, jax.random.key(4))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_decode_loop_kind(monkeypatch):
+    monkeypatch.delenv("TFD_JAX_DECODE_LOOP", raising=False)
+    assert decode_loop_kind("while") == "while" and decode_loop_kind("fixed") == "fixed"
+    # On this (CPU) backend the early exit is kept, EOS or not.
+    assert decode_loop_kind("auto", can_stop_early=False) == "while"
+    monkeypatch.setenv("TFD_JAX_DECODE_LOOP", "fixed")
+    assert decode_loop_kind("auto") == "fixed"
+    assert decode_loop_kind("while") == "while"  # an explicit choice wins over the environment
+    with pytest.raises(ValueError, match="unknown decode loop"):
+        decode_loop_kind("unrolled")
