@@ -78,9 +78,10 @@ viz.metric_curves(out / "dpo", ["preference_accuracy", "reward_margin"], title="
 # The same prompt to the SFT model and to the PPO model, each answer scored by the hidden rule.
 
 # %%
-for prompt in builtin_prompts("train", n=2, seed=7):
-    for stage in ("sft", "ppo"):
-        model, tokenizer = load_for_inference(out / stage, log=None)
+prompts = builtin_prompts("train", n=notebook.pick(3, 1), seed=7)
+for stage in ("sft", "ppo"):
+    model, tokenizer = load_for_inference(out / stage, log=None)
+    for prompt in prompts:
         answer = reply(model, tokenizer, [{"role": "user", "content": prompt}], temperature=0.7,
                        max_new_tokens=notebook.pick(64, 16))
         print(f"[{stage}] {prompt!r} -> {answer!r}  (rule score {rule_score(prompt, answer)})")

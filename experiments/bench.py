@@ -571,9 +571,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-loop", choices=["auto", "while", "fixed"], default="auto",
                     help="tfd_jax's decode loop: early-exit while_loop, a loop of known trip count, or the "
                          "library's choice (tfd_jax.decode.decode_loop_kind)")
-    ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=True,
-                    help="tfd_jax: self-attention's Q/K/V as one product (the library's default); "
-                         "--no-fuse-qkv measures three")
+    ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
+                    help="tfd_jax: self-attention's Q/K/V as one product or (--no-fuse-qkv) three; default: "
+                         "the library's choice (one on GPU/TPU, three on CPU)")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: min(context - prompt, 256)")
@@ -655,10 +655,10 @@ def main(argv=None) -> list[dict] | dict:
 
     setup = resolve_setup(args, jax.default_backend())
     setup["fuse_qkv"] = args.fuse_qkv
-    if not args.fuse_qkv:
+    if args.fuse_qkv is not None:  # None: the library's choice (fused off the CPU)
         from tfd_jax.nn.transformer import MultiHeadAttention
 
-        MultiHeadAttention.fuse_qkv = False
+        MultiHeadAttention.fuse_qkv = args.fuse_qkv
     import flax
 
     emit(dict(impl="tfd_jax", what="setup", jax=jax.__version__, flax=flax.__version__,

@@ -1,5 +1,6 @@
-"""Chapter 20's quiz: every check passes on the library, and a wrong implementation of what a question
-is about makes that question's check fail (the quiz notebook runs the whole quiz; these run parts)."""
+"""Chapter 20's quiz: a wrong implementation of what a question is about makes that question's check
+fail. (That every check passes on the library is asserted by colab/11_quizzes, which the suite
+executes; these run the questions they need.)"""
 import importlib
 
 import jax.numpy as jnp
@@ -21,8 +22,6 @@ def test_every_question_of_both_quizzes_has_an_answer_and_a_check():
 
 
 def test_scores_not_divided_by_sqrt_dk_fail_the_scaling_check(monkeypatch):
-    assert _verdicts(["E1", "K5"]) == {"E1": True, "K5": True}
-
     def unscaled(q, k, *, scale=None, bias=None):  # forgets the 1/sqrt(d_k)
         scores = jnp.einsum("bthd,bshd->bhts", q, att.repeat_kv(k, q.shape[2]))
         return scores * (1.0 if scale is None else scale)

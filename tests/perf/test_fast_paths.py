@@ -30,14 +30,28 @@ CONFIGS = {
 }
 
 
-class plain_qkv:
-    """Within this block, attention runs its three projections apart (the plain path)."""
+class qkv_path:
+    """Within this block attention takes one path: ``fused=True`` one Q/K/V product, False three."""
+
+    def __init__(self, fused: bool):
+        self.fused = fused
 
     def __enter__(self):
-        MultiHeadAttention.fuse_qkv = False
+        self.saved, MultiHeadAttention.fuse_qkv = MultiHeadAttention.fuse_qkv, self.fused
 
     def __exit__(self, *exc):
-        MultiHeadAttention.fuse_qkv = True
+        MultiHeadAttention.fuse_qkv = self.saved
+
+
+def plain_qkv():
+    return qkv_path(False)
+
+
+def test_the_fused_path_is_picked_off_the_cpu_only():
+    attn = MultiHeadAttention(16, 2, rngs=nnx.Rngs(0))
+    assert MultiHeadAttention.fuse_qkv is None and attn._fuse_qkv() == (jax.default_backend() != "cpu")
+    with qkv_path(True):
+        assert attn._fuse_qkv()
 
 
 def _loss_and_grads(model, tokens):
@@ -56,7 +70,8 @@ def test_fused_qkv_equals_three_projections(name):
     cfg = GPTConfig.preset("tiny", **CONFIGS[name])
     model = GPT(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 13)), jnp.int32)
-    fused = _loss_and_grads(model, tokens)
+    with qkv_path(True):
+        fused = _loss_and_grads(model, tokens)
     with plain_qkv():
         plain = _loss_and_grads(model, tokens)
     np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6, atol=1e-7)
@@ -75,14 +90,17 @@ def test_fused_qkv_with_lora_and_cached_forward():
         if getattr(m, "lora_b", None) is not None:
             m.lora_b[...] = 0.1 * jnp.ones_like(m.lora_b[...])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
-    fused = _loss_and_grads(model, tokens)
+    with qkv_path(True):
+        fused = _loss_and_grads(model, tokens)
     with plain_qkv():
         plain = _loss_and_grads(model, tokens)
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-5, atol=1e-6)
     for (path, gf), (_, gp) in zip(nnx.to_flat_state(fused[2]), nnx.to_flat_state(plain[2])):
         np.testing.assert_allclose(gf.get_value(), gp.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path))
 
-    out = generate(model, [[1, 2, 3], [4, 5]], 6, temperature=0.0)
+    with qkv_path(True):
+        jax.clear_caches()
+        out = generate(model, [[1, 2, 3], [4, 5]], 6, temperature=0.0)
     with plain_qkv():
         jax.clear_caches()  # the plain path must compile its own programs
         ref = generate(model, [[1, 2, 3], [4, 5]], 6, temperature=0.0)

@@ -123,12 +123,18 @@ def run_pipeline(out: str | Path, *, preset: str = "tiny", steps: dict | None = 
     if not text.exists():
         text.write_text(builtin_pretraining_text(n_chars=400_000, seed=seed), encoding="utf-8")
     common = ["--preset", preset, "--seed", str(seed), "--no-progress", "--samples", "0"] + (["--force"] if force else [])
+    from tfd_jax.posttrain.ppo import PPOTask
+    from tfd_jax.posttrain.tasks import DPOTask, SFTTask
+
+    # Each stage's own end-of-run rule score samples as many held-out prompts as the table does
+    # (the table's figures are the pipeline's own, below).
     plan = [
         ("pretrain", ["--data", str(text), "--tokenizer", "char", "--seq-len", "128", "--lr", "2e-3"], ChatPretrainTask()),
-        ("sft", ["--task", "sft", "--init-from", str(out / "pretrain")], None),
+        ("sft", ["--task", "sft", "--init-from", str(out / "pretrain")], SFTTask(eval_prompts=eval_prompts)),
         ("reward", ["--task", "reward", "--init-from", str(out / "sft")], None),
-        ("ppo", ["--task", "ppo", "--init-from", str(out / "sft"), "--reward-model", str(out / "reward")], None),
-        ("dpo", ["--task", "dpo", "--init-from", str(out / "sft")], None),
+        ("ppo", ["--task", "ppo", "--init-from", str(out / "sft"), "--reward-model", str(out / "reward")],
+         PPOTask(eval_prompts=eval_prompts)),
+        ("dpo", ["--task", "dpo", "--init-from", str(out / "sft")], DPOTask(eval_prompts=eval_prompts)),
     ]
     records, sft_model = [], None
     for stage, argv, task in plan:
