@@ -49,18 +49,21 @@ def problems() -> list[str]:
 
 
 def write_all() -> list[Path]:
-    """Write each ``.ipynb`` from its ``.py`` twin, outputs stripped."""
+    """Write each ``.ipynb`` from its ``.py`` twin, outputs stripped; returns the ones that changed."""
     import jupytext
 
     written = []
     for py, ipynb in twins():
         nb = jupytext.read(py)
-        for c in nb.cells:
+        for i, c in enumerate(nb.cells):
+            c.id = f"cell-{i:02d}"  # stable ids: a sync changes only the cells that changed
             if c.cell_type == "code":
                 c.outputs, c.execution_count = [], None
         nb.metadata.setdefault("colab", {"provenance": []})
+        before = ipynb.read_text(encoding="utf-8") if ipynb.exists() else None
         jupytext.write(nb, ipynb)
-        written.append(ipynb)
+        if ipynb.read_text(encoding="utf-8") != before:
+            written.append(ipynb)
     return written
 
 

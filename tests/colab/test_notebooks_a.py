@@ -1,6 +1,8 @@
 """Notebooks 1-4 and 6-7, executed on 8 fake devices (see test_notebooks.py)."""
 import pytest
 
+pytestmark = pytest.mark.slow  # run early: see tests/conftest.py
+
 
 @pytest.mark.parametrize("name", ["01_tokens_embeddings_positions", "02_attention_and_masks", "03_the_block",
                                   "04_output_and_sampling", "06_inference_kv_cache", "07_complete_example"])

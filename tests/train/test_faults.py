@@ -54,6 +54,7 @@ def _wait_for(proc, condition, timeout=120.0) -> bool:
     raise AssertionError("the run neither reached the fault point nor ended")
 
 
+@pytest.mark.slow
 def test_random_kills_signals_and_damage_then_resume_give_the_uninterrupted_losses(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     env = one_device_env()
