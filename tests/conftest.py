@@ -24,10 +24,3 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-
-def pytest_collection_modifyitems(session, config, items):
-    """Files that hold a test marked ``slow`` run first. pytest-xdist (``--dist loadfile``) hands
-    whole files to the workers in collection order, so starting with the long ones lets both
-    workers finish together instead of one running the last long file alone."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays

@@ -1,6 +1,6 @@
 """The colab/ notebooks: each twin in sync, each opening the same way, and each executed top to
-bottom in test mode (TFD_NOTEBOOK_TEST=1) by a real kernel on 8 fake CPU devices, as on a TPU v2-8.
-The executions are split over test_notebooks_*.py so that test
+bottom in test mode (TFD_NOTEBOOK_TEST=1) by a real kernel on 8 fake CPU devices, as on a TPU v2-8
+(the ChatGPT pipeline's on one, to spare the suite's time). The executions are split over test_notebooks_*.py so that test
 workers can share them."""
 import re
 from pathlib import Path

@@ -1,7 +1,7 @@
 """Notebooks 1-4 and 6-7, executed on 8 fake devices (see test_notebooks.py)."""
 import pytest
 
-pytestmark = pytest.mark.slow  # run early: see tests/conftest.py
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["01_tokens_embeddings_positions", "02_attention_and_masks", "03_the_block",

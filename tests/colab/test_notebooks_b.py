@@ -1,7 +1,7 @@
 """Notebooks 5, 8, 10 and 11, executed on 8 fake devices (see test_notebooks.py)."""
 import pytest
 
-pytestmark = pytest.mark.slow  # run early: see tests/conftest.py
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("name", ["05_training", "08_gpt2_from_hugging_face", "10_three_architectures", "11_quizzes"])
