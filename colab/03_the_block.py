@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from tfd_jax import explain, notebook, ops
-from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.models import GPT, GPTConfig, count_params
 
 print(notebook.summary())
 
@@ -85,8 +85,7 @@ print("after LayerNorm: mean", round(float(y.mean()), 6), "variance", round(floa
 
 # %%
 def count(cfg):
-    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only, no memory
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return count_params(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))  # shapes only, no memory
 
 course = GPTConfig.preset("course", vocab_size=50_000)
 for tied in (False, True):

@@ -46,7 +46,7 @@ from flax import nnx
 from tfd_jax import notebook, ops, viz
 from tfd_jax.decode import generate
 from tfd_jax.interop import load_hf_gpt2
-from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.models import GPT, GPTConfig, count_params
 from tfd_jax.nn import record_attention_weights
 from tfd_jax.tokenizers import load_hf_tokenizer
 
@@ -104,9 +104,8 @@ viz.attention_map(weights[layer], labels, mask=ops.causal_mask(tokens.shape[1]),
 # %%
 from tfd_jax.decode.cache import bytes_per_token
 
-def count(c):
-    abstract = nnx.eval_shape(lambda: GPT(c, rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+def count(cfg):
+    return count_params(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))  # shapes only, no memory
 
 rows = [("course (toy)", GPTConfig.preset("course", vocab_size=50_000))]
 rows += [(name, GPTConfig.preset(name)) for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")]

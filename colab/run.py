@@ -40,15 +40,7 @@ def execute(name: str, out_dir: Path, *, devices: int = 1, test: bool = True, ti
     nb = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
     out_dir.mkdir(parents=True, exist_ok=True)
     client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(out_dir)}})
-    env = kernel_env(out_dir, devices, test)
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    client.execute(env=kernel_env(out_dir, devices, test))  # the kernel's environment, not this process's
     return nb
 
 

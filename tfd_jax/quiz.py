@@ -303,13 +303,14 @@ def _e5_multi_head():
     from flax import nnx
 
     from tfd_jax import nn
-    att = _attention_module()
+    from tfd_jax.models import count_params
 
+    att = _attention_module()
     M = 12
     counts = {}
     for H in (1, 2, 4):
         mha = nn.MultiHeadAttention(M, H, rngs=nnx.Rngs(0))  # the library's default initialisation
-        counts[H] = sum(int(np.prod(p.shape)) for p in jax_leaves(nnx.state(mha, nnx.Param)))
+        counts[H] = count_params(mha)
     # as after training, weights large enough for the scores to matter (the default init is small)
     mha = nn.MultiHeadAttention(M, 4, kernel_init=jax.nn.initializers.normal(1 / math.sqrt(M)), rngs=nnx.Rngs(1))
     x = _normal(70, (1, 6, M))
@@ -320,12 +321,6 @@ def _e5_multi_head():
     ok = len(set(counts.values())) == 1 and counts[1] == 4 * M * M and min(gaps) > 0.01
     return ok, (f"projection weights at d_model {M}: {counts} (4 d^2 = {4 * M * M}) whatever the number of heads; "
                 f"mean difference between two heads' patterns >= {min(gaps):.3f}")
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 def _apply(cls, config, fn, *args):
@@ -453,14 +448,14 @@ def _e11_no_millions():
     import jax
     from flax import nnx
 
-    from tfd_jax.models import GPT, GPTConfig
+    from tfd_jax.models import GPT, GPTConfig, count_params
 
     cfg = GPTConfig.preset("gpt2", lora_rank=8, lora_alpha=16)
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only: nothing is allocated
     from tfd_jax.nn.lora import LORA_FILTER
 
-    lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, LORA_FILTER)))
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    lora = sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract, LORA_FILTER)))
+    total = count_params(abstract)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     expected = cfg.num_layers * len(targets) * 8 * (cfg.d_model + cfg.d_model)  # q and v are [M, M]
     ok = lora == expected and lora / total < 0.01
