@@ -23,4 +23,3 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
