@@ -175,7 +175,10 @@ def build_train_step(setup: dict, cfg=None):
 
         from tfd_jax.train.sharding import make_mesh
 
-        mesh = make_mesh()  # every device on the data axis
+        from tfd_jax.train.loop import cpu_data_devices
+
+        # the data axis over as many devices as split the batch evenly, as the Trainer's default mesh
+        mesh = make_mesh(devices=jax.devices()[:cpu_data_devices(B, 1, jax.device_count())])
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
     tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
@@ -585,7 +588,8 @@ def parser() -> argparse.ArgumentParser:
                     help="CPU runs: pin each process to this many CPUs (threads follow); default: all it may use")
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="tfd_jax on a CPU: split it into this many XLA devices and train data-parallel over "
-                         "them (batch sharded, parameters replicated), e.g. one per core")
+                         "them (batch sharded, parameters replicated); default: one per usable core, as "
+                         "tfd-jax does (TFD_JAX_CPU_DEVICES)")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -643,7 +647,7 @@ def main(argv=None) -> list[dict] | dict:
         for r in records:
             emit(r)
         return records
-    from tfd_jax.runtime import set_default_xla_flags
+    from tfd_jax.runtime import set_cpu_devices, set_default_xla_flags
 
     if args.cpu_devices:  # XLA reads this once, when its CPU backend starts
         if args.cpu_devices < 1:
@@ -651,6 +655,7 @@ def main(argv=None) -> list[dict] | dict:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
     set_default_xla_flags()  # before JAX starts its backend, as `tfd-jax` does
+    set_cpu_devices()  # and, as it does, one CPU device per core unless --cpu-devices (or XLA_FLAGS) says
     import jax
 
     setup = resolve_setup(args, jax.default_backend())

@@ -95,9 +95,14 @@ def _quiet_library_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from tfd_jax.runtime import set_default_xla_flags
+    from tfd_jax.runtime import set_cpu_devices, set_default_xla_flags
 
     set_default_xla_flags()  # XLA reads XLA_FLAGS once, when JAX starts its first backend
+    try:
+        set_cpu_devices()  # one CPU device per core: CPU training runs data-parallel over them
+    except ValueError as e:
+        print(f"tfd-jax: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -14,8 +14,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from fastjit import FAST
+from tfd_jax import runtime
 from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.train import loop
 from tfd_jax.train import sharding as shd
+from tfd_jax.train.config import TrainConfig, TrainingError
 from tfd_jax.train.metrics import read_metrics
 from tfd_jax.train.optim import OptimConfig, make_optimizer
 from tfd_jax.train.step import init_state, make_train_step, rng_tags, split_model
@@ -183,6 +186,24 @@ def test_mesh_spec_errors():
         shd.parse_mesh_spec("model=8", 8)
     assert shd.parse_mesh_spec("data=-1,tensor=2", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
     assert shd.parse_mesh_spec(None, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("batch,accum,expect", [(12, 1, 6), (12, 4, 3), (9, 1, 3), (11, 1, 1), (16, 2, 8), (16, 1, 8)])
+def test_cpu_data_devices_split_every_micro_batch(batch, accum, expect):
+    assert loop.cpu_data_devices(batch, accum, 8) == expect
+
+
+def test_default_cpu_mesh_trains_on_the_devices_the_batch_splits_over(monkeypatch):
+    """With the CPU split into a device per core by tfd_jax (runtime.AUTO_CPU_DEVICES) a batch of 12
+    trains on 6 of 8 devices; a device count the user chose, or a mesh they gave, must divide it."""
+    cfg = TrainConfig(batch_size=12)
+    monkeypatch.setattr(runtime, "AUTO_CPU_DEVICES", None)
+    with pytest.raises(TrainingError, match="--batch-size 12 must be a multiple of data x fsdp = 8"):
+        loop._make_mesh(cfg)
+    monkeypatch.setattr(runtime, "AUTO_CPU_DEVICES", 8)
+    assert dict(loop._make_mesh(cfg).shape) == {"data": 6, "fsdp": 1, "tensor": 1}
+    with pytest.raises(TrainingError, match="must be a multiple"):
+        loop._make_mesh(TrainConfig(batch_size=12, mesh="data=8"))
 
 
 def _free_port() -> int:

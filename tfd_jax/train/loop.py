@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tfd_jax import runtime
 from tfd_jax.faults import silence_orbax_aftermath, system_fault
 from tfd_jax.models import registry
 from tfd_jax.train import checkpoint as ckpt
@@ -113,9 +114,22 @@ def model_config_for(cfg: TrainConfig, vocab_size: int, precision: str, arch: st
     return base
 
 
+def cpu_data_devices(batch_size: int, grad_accum: int, devices: int) -> int:
+    """How many of ``devices`` CPU devices a default mesh trains on: the most that split every
+    micro-batch (``batch_size / grad_accum`` rows) evenly, e.g. 6 of 8 for a batch of 12."""
+    rows = batch_size // grad_accum if batch_size % grad_accum == 0 else batch_size
+    return max(d for d in range(1, max(devices, 1) + 1) if rows % d == 0)
+
+
 def _make_mesh(cfg: TrainConfig):
+    devices = None
+    if (cfg.mesh is None and runtime.AUTO_CPU_DEVICES and jax.process_count() == 1
+            and jax.default_backend() == "cpu"):
+        # the CPU devices are the library's split of the cores (tfd_jax.runtime): a batch that does
+        # not split over all of them trains on fewer rather than stopping
+        devices = jax.devices()[:cpu_data_devices(cfg.batch_size, cfg.grad_accum, jax.device_count())]
     try:
-        mesh = shd.make_mesh(cfg.mesh)
+        mesh = shd.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise TrainingError(str(e)) from None
     divisor = shd.batch_divisor(mesh)
@@ -595,7 +609,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
         f"{task.name} task, {run.arch} model {cfg.init_from or cfg.preset or registry.DEFAULT_PRESET[run.arch]}: {n_params:,} parameters"
         + (f" ({trains:,} trained)" if trains != n_params else "") + f" ({n_params - n_embed:,} without embeddings), "
         f"{model_cfg.num_layers} layers, d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size}; "
-        f"precision {precision}; mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s)"
+        f"precision {precision}; mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)"
     )
 
     stop = {"signal": None}
@@ -680,7 +694,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                 "grad_norm": float(last["grad_norm"]) if bool(last["finite"]) else None,
                 "update_ratio": float(last["update_ratio"]) if bool(last["finite"]) else None,
                 "tokens_per_s": tps,
-                "mfu": mx.mfu(tps, fpt, jax.device_count(), peak) if tps else None,
+                "mfu": mx.mfu(tps, fpt, mesh.devices.size, peak) if tps else None,
                 "nonfinite_steps": int(state_counts["nonfinite"]),
             }
             for name in sorted(set(last) - _STEP_METRICS):  # the task's own, e.g. mlm_loss, masked_accuracy
