@@ -156,6 +156,7 @@ def build_train_step(setup: dict, cfg=None):
     import jax
     import numpy as np
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from tfd_jax.models import GPT, GPTConfig
     from tfd_jax.train.optim import OptimConfig, make_optimizer
@@ -170,19 +171,20 @@ def build_train_step(setup: dict, cfg=None):
     graphdef, params, rest = split_model(model)
     optimizer, schedule = make_optimizer(OptimConfig(**setup["optim"]), setup["steps"] + setup["warmup"] + 1)
     state = jax.jit(lambda p: init_state(p, optimizer, seed, precision))(params)
+    local_rows = None
     if jax.default_backend() == "cpu" and jax.device_count() > 1:  # --cpu-devices: data parallel over them
-        from jax.sharding import NamedSharding, PartitionSpec
-
+        from tfd_jax.train.loop import cpu_data_devices
         from tfd_jax.train.sharding import make_mesh
 
-        from tfd_jax.train.loop import cpu_data_devices
-
-        # the data axis over as many devices as split the batch evenly, as the Trainer's default mesh
+        # as the Trainer's default CPU mesh: the data axis over as many devices as split the batch
+        # evenly, each device's gradients of its own rows summed in one all-reduce
         mesh = make_mesh(devices=jax.devices()[:cpu_data_devices(B, 1, jax.device_count())])
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
+        local_rows = mesh if setup.get("local_rows") is not False else None
     tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
-    step = make_train_step(graphdef, rest, optimizer, schedule, lm_loss, dropout_tags=tags, fp16=precision == "fp16")
+    step = make_train_step(graphdef, rest, optimizer, schedule, lm_loss, dropout_tags=tags, fp16=precision == "fp16",
+                           local_rows=local_rows)
     return model, state, jax.jit(step, donate_argnums=0), batch
 
 
@@ -350,13 +352,15 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         peak = mx.peak_flops_per_device(device)
         base = dict(base, attention_impl=cfg.attention_impl)
         layout = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy)
+        data_devices = len(batch["tokens"].sharding.device_set)
         compile_rec = dict(
             base, what="compile", first_step_s=first_step_s,
             trace_s=compile_durations.get("jaxpr_trace"), lower_s=compile_durations.get("jaxpr_to_mlir_module"),
             compile_s=compile_durations.get("backend_compile"), **layout,
         )
         train_rec = dict(
-            base, what="train", **layout, steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
+            base, what="train", **layout, data_devices=data_devices,
+            local_rows=data_devices > 1 and setup.get("local_rows") is not False, steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
             ms_per_step_sync_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
             flops_per_token=fpt, peak_flops=peak,
             mfu=mx.mfu(tps, fpt, 1, peak),
@@ -577,6 +581,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None,
                     help="tfd_jax: self-attention's Q/K/V as one product or (--no-fuse-qkv) three; default: "
                          "the library's choice (one on GPU/TPU, three on CPU)")
+    ap.add_argument("--local-rows", action=argparse.BooleanOptionalAction, default=None,
+                    help="tfd_jax data-parallel over CPU devices: each device's gradients of its own rows summed "
+                         "in one flat all-reduce (make_train_step's local_rows; the Trainer's CPU default), or "
+                         "(--no-local-rows) the partitioner's all-reduce of one buffer per parameter")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: min(context - prompt, 256)")
@@ -660,6 +668,7 @@ def main(argv=None) -> list[dict] | dict:
 
     setup = resolve_setup(args, jax.default_backend())
     setup["fuse_qkv"] = args.fuse_qkv
+    setup["local_rows"] = args.local_rows
     if args.fuse_qkv is not None:  # None: the library's choice (fused off the CPU)
         from tfd_jax.nn.transformer import MultiHeadAttention
 

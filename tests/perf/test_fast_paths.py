@@ -6,13 +6,19 @@
 * The training step's guard against non-finite steps run as one ``lax.cond`` (the CPU's pick)
   against element-wise selects: the same state and metrics after a finite step, a diverged one and
   an fp16 overflow, on one device and data-parallel over two.
+* Each device's gradients of its own rows summed in one flat all-reduce (``local_rows``, the CPU's
+  pick) against the partitioner's all-reduce per parameter: the same state and metrics, with
+  gradient accumulation and fp16, over two and four devices.
 * The decode loop of known trip count (``loop="fixed"``) against the early-exit ``while_loop``:
   the same tokens, log-probabilities and lengths, greedy and sampled with the same key, with and
   without EOS, and inside a jitted program of one's own (``rollout_traced``).
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -64,6 +70,41 @@ def test_cond_guard_equals_select_guard(precision, mesh):
         assert moved == (name == "finite") and bool(m2["finite"]) == (name == "finite"), name
     with pytest.raises(ValueError, match="guard"):
         make_train_step(graphdef, rest, opt, sched, lm_loss, guard="maybe")
+
+
+@pytest.mark.parametrize("precision,accum,devices", [("fp32", 1, 2), ("fp32", 2, 2), ("fp16", 1, 4)])
+def test_local_rows_equal_the_partitioned_step(precision, accum, devices):
+    cfg = GPTConfig.preset("tiny", vocab_size=61, d_model=32, num_heads=4, num_layers=1, context_length=16,
+                           dtype="float16" if precision == "fp16" else "float32")
+    graphdef, params, rest = split_model(GPT(cfg, rngs=nnx.Rngs(0)))
+    # plain SGD: the new parameters show the gradients as they are (Adam's m / sqrt(v) would turn a
+    # ~0 gradient's rounding into a full step of either sign)
+    opt, sched = optax.sgd(1e-2), optax.constant_schedule(1e-2)
+    rows = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(8, 17)).astype(np.int32)
+    mask = np.ones((8, 16), bool)
+    mask[1, 5:] = mask[6, 9:] = False  # unequal token counts per device: the mean is over all of them
+    batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:], "mask": mask}
+    m = shd.make_mesh(f"data={devices}", jax.devices()[:devices])
+    state = jax.device_put(init_state(params, opt, 0, precision), jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec()))
+    batch = jax.device_put(batch, jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec("data")))
+    steps = [jax.jit(make_train_step(graphdef, rest, opt, sched, lm_loss, grad_accum=accum, fp16=precision == "fp16",
+                                     local_rows=lr), compiler_options=FAST) for lr in (None, m)]
+    for poison in (1.0, jnp.float32(jnp.nan)):
+        (s1, m1), (s2, m2) = (f(state, batch, poison) for f in steps)
+        _assert_same_tree(s1, s2)
+        _assert_same_tree(m1, m2)
+        assert bool(m2["finite"]) == (poison == 1.0)
+    assert float(m2["tokens"]) == mask.sum()
+    # the fast path is the one that ran: its only all-reduce carries one flat buffer
+    def all_reduced(f):  # the buffers of each all-reduce in the compiled step
+        return [re.findall(r"[a-z]+\d*\[[\d,]*\]", line.split(" all-reduce")[0])
+                for line in f.lower(state, batch).compile().as_text().splitlines()
+                if re.search(r" all-reduce(-start)?\(", line)]
+
+    assert sum(map(len, all_reduced(steps[0]))) > 2
+    assert all_reduced(steps[1]) == [[f"f32[{sum(x.size for x in jax.tree.leaves(params)) + 2}]"]]
+    with pytest.raises(ValueError, match="splits only 'data'"):
+        make_train_step(graphdef, rest, opt, sched, lm_loss, local_rows=shd.make_mesh("data=2,fsdp=2", jax.devices()[:4]))
 
 
 # -- fused Q/K/V ----------------------------------------------------------------------------------

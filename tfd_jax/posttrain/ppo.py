@@ -106,6 +106,7 @@ class PPOTask(Task):
     arch = "reward"  # a GPT with a scalar head: here the value head
     init_archs = ("gpt",)
     fresh_params = ("value_head",)
+    rows_add_up = False  # explained variance and the rollout means are statistics of the whole minibatch
     special_tokens = CHAT_TOKENIZER_SPECIALS
     extra_special_tokens = CHAT_SPECIAL_TOKENS
     takes_reward_model = True

@@ -549,6 +549,10 @@ _STEP_METRICS = {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_fini
 def _compile(run: _Run, task: Task, m: _Model, mesh):
     """The jitted, sharded train step (state donated) and eval step for the task: ``(step_fn, eval_fn)``."""
     cfg, rep = run.cfg, shd.replicated(mesh)
+    # On the CPU a data-parallel step sums each device's gradients in one flat all-reduce (XLA's CPU
+    # runtime meets the devices once per reduced buffer otherwise); see make_train_step.
+    local_rows = mesh if (jax.default_backend() == "cpu" and jax.process_count() == 1 and task.rows_add_up
+                          and mesh.shape["data"] == mesh.devices.size > 1) else None
     train_step = make_train_step(
         m.graphdef,
         m.rest,
@@ -560,6 +564,7 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
         grad_accum=cfg.grad_accum,
         dropout_tags=m.dropout_tags,
         fp16=run.precision == "fp16",
+        local_rows=local_rows,
     )
     frozen_sh = rep if m.frozen is None else jax.tree.map(lambda x: x.sharding, m.frozen)
     step_fn = jax.jit(

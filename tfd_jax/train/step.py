@@ -95,6 +95,7 @@ def make_train_step(
     fp16: bool = False,
     growth_interval: int = 2000,
     guard: str = "auto",
+    local_rows=None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """Build ``step(state, batch, poison, frozen) -> (state, metrics)`` (not yet jitted; the Trainer jits it).
 
@@ -122,6 +123,16 @@ def make_train_step(
     XLA runs the selects as ~3 extra operations per parameter (about 1-2 ms of a 38 ms
     Shakespeare step), and ``"select"`` elsewhere: a GPU conditional copies its predicate to the
     host every step, while the selects fuse into the update's own kernels.
+
+    ``local_rows`` (a mesh whose only axis longer than 1 is ``data``, or None) makes each device
+    compute the loss sums and gradients of its own rows (``jax.shard_map``) and add them up across
+    devices as one flat buffer in one all-reduce. Without it the partitioner reduces the gradients
+    as one all-reduce of one buffer per parameter, and XLA's CPU runtime makes the devices meet at
+    every buffer (about 6 ms of a 2-device Shakespeare step for 47 buffers). The step is the same
+    up to float rounding (``tests/perf/test_fast_paths.py``), except that dropout draws each
+    device's masks from the step's key folded with the device's index. It needs a loss whose sums
+    over part of the batch add up to the whole batch's (``Task.rows_add_up``); the Trainer passes
+    its mesh on the CPU when that holds.
     """
     if guard not in ("auto", "cond", "select"):
         raise ValueError(f"guard must be 'auto', 'cond' or 'select', got {guard!r}")
@@ -143,6 +154,27 @@ def make_train_step(
         (_, (s, c, extra)), g = jax.value_and_grad(scaled, has_aux=True)(params)
         return g, s, c, extra
 
+    def summed_grads(params, fixed, batch, key, scale, frozen):
+        """(gradient sums, loss sum, count, metric sums) over the batch's micro-batches."""
+        if grad_accum == 1:
+            return grads_of(params, fixed, batch, key, scale, frozen)
+        B = batch["tokens"].shape[0]
+        micro = jax.tree.map(lambda x: x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        shapes = jax.eval_shape(lambda mb: loss_sums(params, fixed, mb, key, frozen)[2],
+                                jax.tree.map(lambda x: x[0], micro))
+
+        def body(carry, inp):
+            i, mb = inp
+            out = grads_of(params, fixed, mb, jax.random.fold_in(key, i), scale, frozen)
+            return jax.tree.map(jnp.add, carry, out), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0),
+                 jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+        return jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))[0]
+
+    if local_rows is not None:
+        summed_grads = _per_device_rows(summed_grads, local_rows)
+
     def step(state: dict, batch: dict, poison: jax.Array | float = 1.0, frozen=None) -> tuple[dict, dict]:
         # `poison` multiplies the loss; NaN there rehearses a diverged step (tests, --debug-nan-at).
         params, scale = state["params"], state["loss_scale"]
@@ -158,22 +190,7 @@ def make_train_step(
                                        jax.random.wrap_key_data(state["rng"]))
         if fp16:  # the scale is per token of a micro-batch: what the backward pass sees is the mean
             scale = scale / (batch["mask"].size // grad_accum)
-        if grad_accum == 1:
-            g, s, c, extra = grads_of(params, fixed, batch, key, scale * poison, frozen)
-        else:
-            B = batch["tokens"].shape[0]
-            micro = jax.tree.map(lambda x: x.reshape(B // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
-            shapes = jax.eval_shape(lambda mb: loss_sums(params, fixed, mb, key, frozen)[2],
-                                    jax.tree.map(lambda x: x[0], micro))
-
-            def body(carry, inp):
-                i, mb = inp
-                out = grads_of(params, fixed, mb, jax.random.fold_in(key, i), scale * poison, frozen)
-                return jax.tree.map(jnp.add, carry, out), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0),
-                     jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
-            (g, s, c, extra), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+        g, s, c, extra = summed_grads(params, fixed, batch, key, scale * poison, frozen)
         count = jnp.maximum(c, 1.0)
         grads = jax.tree.map(lambda x: x / (scale * count), g)
         loss = s * poison / count
@@ -230,6 +247,27 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def _per_device_rows(summed_grads: Callable, mesh, axis: str = "data") -> Callable:
+    """``summed_grads`` run by each device on its rows of the batch, the results added up across
+    devices as one flat buffer (one all-reduce). Same arguments and results as ``summed_grads``."""
+    from jax.flatten_util import ravel_pytree
+    from jax.sharding import PartitionSpec as P
+
+    longer = {name: n for name, n in mesh.shape.items() if n > 1 and name != axis}
+    if longer:
+        raise ValueError(f"local_rows needs a mesh that splits only {axis!r}; this one also splits {longer}")
+
+    def local(params, fixed, batch, key, scale, frozen):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))  # each device its own dropout masks
+        flat, unravel = ravel_pytree(summed_grads(params, fixed, batch, key, scale, frozen))
+        return unravel(jax.lax.psum(flat, axis))
+
+    rep = P()
+    # check_vma=False: custom VJPs (the output head's) give per-device gradients of replicated weights
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, P(axis), rep, rep, rep), out_specs=rep,
+                         check_vma=False)
 
 
 def make_eval_step(graphdef, rest, loss_fn: Callable, *, prepare: Callable | None = None, seed: int = 0) -> Callable:

@@ -70,6 +70,9 @@ class Task:
     extra_special_tokens: tuple[str, ...] = ()
     init_archs: tuple[str, ...] = ()  # other architectures whose weights --init-from may start this one from
     fresh_params: tuple[str, ...] = ()  # top-level parameters --init-from's weights may lack (a new head)
+    # loss_fn's sums over part of a batch add up to the whole batch's (no batch-wide statistics): the
+    # CPU's data-parallel step may then sum each device's rows (make_train_step's local_rows)
+    rows_add_up: bool = True
 
     @classmethod
     def archs(cls) -> tuple[str, ...]:
