@@ -64,6 +64,28 @@ def test_clipping_bounds_the_update_norm():
     np.testing.assert_allclose(mu / 0.1, [0.6, 0.8, 0, 0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm", [0.3, 50.0])
+def test_clipping_equals_optax_and_keeps_its_state(norm):
+    """The library's clip (one scalar factor) against optax.clip_by_global_norm (a select of divided
+    elements): the same clipped tree below and above the bound, and the same (empty) state, so a
+    checkpoint written with either restores into the other."""
+    from tfd_jax.train.optim import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    g = {"a": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "b": jnp.asarray(rng.normal(size=7), jnp.float32)}
+    g = jax.tree.map(lambda x: x * norm / float(optax.tree.norm(g)), g)
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    (u1, s1), (u2, s2) = ours.update(g, ours.init(g)), theirs.update(g, theirs.init(g))
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(optax.tree.norm(u1)), min(norm, 1.0), rtol=1e-5)
+    cfg = OptimConfig(clip_norm=1.0)
+    p = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lambda step: 1e-3, mask=decay_mask))
+    assert jax.tree.structure(make_optimizer(cfg, 10)[0].init(p)) == jax.tree.structure(reference.init(p))
+
+
 def test_bad_optimizer_settings():
     with pytest.raises(ValueError, match="learning rate must be positive"):
         make_optimizer(OptimConfig(lr=0.0), 10)

@@ -205,7 +205,11 @@ def make_train_step(
 
         def update(grads, opt_state, params):
             updates, new_opt = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt, optax.tree.norm(updates)
+            new_params = optax.apply_updates(params, updates)
+            # update_ratio's norm from how far the parameters moved, not from `updates`: the
+            # optimizer's last product (Adam's division) then has one reader and fuses into the
+            # new parameters instead of being written out (one pass less per parameter on the CPU)
+            return new_params, new_opt, optax.tree.norm(jax.tree.map(jnp.subtract, new_params, params))
 
         if (guard == "auto" and jax.default_backend() == "cpu") or guard == "cond":
             # a skipped step's update is not computed: its norm is reported as NaN, as `select`'s
