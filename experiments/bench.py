@@ -34,7 +34,10 @@ JAX's GPU memory is released before torch starts). With ``--rounds K`` the two a
 the ratios are medians, which helps on a busy machine.
 
 The training step is the library's own: ``make_optimizer`` (clipping + AdamW), ``init_state``,
-``make_train_step``, jitted with the state donated, on fixed random tokens.
+``make_train_step``, jitted with the state donated, on fixed random tokens, laid out as ``tfd-jax
+train`` lays out a long run: on a CPU, data-parallel over one device per core with each device's
+gradients summed in one all-reduce (``--local-rows``), and 4 steps per call (``make_multi_step``,
+``--steps-per-call``; the train record's times are per step).
 
 On a busy CPU the two frameworks suffer differently (PyTorch's OpenMP threads wait on each other
 when one of them is descheduled), so compare with ``--cpus 1`` (both pinned to the same core) as well
@@ -185,6 +188,14 @@ def build_train_step(setup: dict, cfg=None):
     tags = rng_tags(model) if (cfg.dropout or cfg.embed_dropout) else ()
     step = make_train_step(graphdef, rest, optimizer, schedule, lm_loss, dropout_tags=tags, fp16=precision == "fp16",
                            local_rows=local_rows)
+    k = setup.get("steps_per_call") or 1
+    if k > 1:  # k steps per call (make_multi_step): the same batch k times, stacked on a leading axis
+        from tfd_jax.train.step import make_multi_step
+
+        step = make_multi_step(step, k)
+        batch = jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * k), NamedSharding(
+            x.sharding.mesh, PartitionSpec(None, *x.sharding.spec))) if isinstance(x.sharding, NamedSharding)
+            else jax.device_put(np.stack([np.asarray(x)] * k)), batch)
     return model, state, jax.jit(step, donate_argnums=0), batch
 
 
@@ -324,24 +335,26 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
             state, m = step_fn(state, batch, poison)
             jax.block_until_ready(m)
         first_step_s = time.perf_counter() - t0
-        first_loss = float(m["loss"])
+        first_loss = float(np.ravel(m["loss"])[0])
+        k = setup.get("steps_per_call") or 1  # steps per call: every time below is per call / k
         compile_durations = dict(durations)
 
         for _ in range(max(warmup - 1, 0)):
             state, m = step_fn(state, batch, poison)
         jax.block_until_ready(m)
         times, cpu_times = [], []
-        for _ in range(steps):
+        calls = max(steps // k, 1)
+        for _ in range(calls):
             t, c = time.perf_counter(), time.process_time()
             state, m = step_fn(state, batch, poison)
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-            cpu_times.append(time.process_time() - c)
+            times.append((time.perf_counter() - t) / k)
+            cpu_times.append((time.process_time() - c) / k)
         t = time.perf_counter()
-        for _ in range(steps):  # back to back, as the training loop runs: the throughput figure
+        for _ in range(calls):  # back to back, as the training loop runs: the throughput figure
             state, m = step_fn(state, batch, poison)
         jax.block_until_ready(m)
-        piped = (time.perf_counter() - t) / steps
+        piped = (time.perf_counter() - t) / (calls * k)
         recompiled = bool(durations.keys() - compile_durations.keys()) or durations != compile_durations
         med = statistics.median(times)
         tps = B * T / piped
@@ -353,6 +366,7 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         base = dict(base, attention_impl=cfg.attention_impl)
         layout = dict(scan_layers=cfg.scan_layers, remat=cfg.remat_policy)
         data_devices = len(batch["tokens"].sharding.device_set)
+        layout["steps_per_call"] = k
         compile_rec = dict(
             base, what="compile", first_step_s=first_step_s,
             trace_s=compile_durations.get("jaxpr_trace"), lower_s=compile_durations.get("jaxpr_to_mlir_module"),
@@ -365,7 +379,7 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
             flops_per_token=fpt, peak_flops=peak,
             mfu=mx.mfu(tps, fpt, 1, peak),
             num_params=n_params, num_params_non_embedding=n_params - n_embed,
-            loss_first=first_loss, loss_last=float(m["loss"]), recompiled_while_timing=recompiled,
+            loss_first=first_loss, loss_last=float(np.ravel(m["loss"])[-1]), recompiled_while_timing=recompiled,
             **_peak_memory_jax(device),
         )
         if notes:
@@ -585,6 +599,10 @@ def parser() -> argparse.ArgumentParser:
                     help="tfd_jax data-parallel over CPU devices: each device's gradients of its own rows summed "
                          "in one flat all-reduce (make_train_step's local_rows; the Trainer's CPU default), or "
                          "(--no-local-rows) the partitioner's all-reduce of one buffer per parameter")
+    ap.add_argument("--steps-per-call", type=int, default=None,
+                    help="tfd_jax: this many training steps per jitted call (make_multi_step, one lax.scan); "
+                         "the times are per step; default: as tfd-jax train chooses for a long run "
+                         "(4 on a CPU, 1 elsewhere)")
     ap.add_argument("--decode-batches", default="1,16")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default: min(context - prompt, 256)")
@@ -669,6 +687,9 @@ def main(argv=None) -> list[dict] | dict:
     setup = resolve_setup(args, jax.default_backend())
     setup["fuse_qkv"] = args.fuse_qkv
     setup["local_rows"] = args.local_rows
+    if args.steps_per_call is not None and args.steps_per_call < 1:
+        raise SystemExit("--steps-per-call must be >= 1")
+    setup["steps_per_call"] = args.steps_per_call or (4 if jax.default_backend() == "cpu" else 1)
     if args.fuse_qkv is not None:  # None: the library's choice (fused off the CPU)
         from tfd_jax.nn.transformer import MultiHeadAttention
 

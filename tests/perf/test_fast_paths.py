@@ -9,6 +9,8 @@
 * Each device's gradients of its own rows summed in one flat all-reduce (``local_rows``, the CPU's
   pick) against the partitioner's all-reduce per parameter: the same state and metrics, with
   gradient accumulation and fp16, over two and four devices.
+* Several training steps in one call (``make_multi_step``, one ``lax.scan``) against as many
+  single calls: the same state and per-step metrics, a diverged step among them included.
 * The decode loop of known trip count (``loop="fixed"``) against the early-exit ``while_loop``:
   the same tokens, log-probabilities and lengths, greedy and sampled with the same key, with and
   without EOS, and inside a jitted program of one's own (``rollout_traced``).
@@ -28,7 +30,7 @@ from tfd_jax.models import GPT, GPTConfig
 from tfd_jax.nn.transformer import MultiHeadAttention
 from tfd_jax.train import sharding as shd
 from tfd_jax.train.optim import OptimConfig, make_optimizer
-from tfd_jax.train.step import init_state, make_train_step, split_model
+from tfd_jax.train.step import init_state, make_multi_step, make_train_step, split_model
 from tfd_jax.train.tasks import lm_loss
 
 # -- the non-finite guard of the training step ----------------------------------------------------
@@ -105,6 +107,28 @@ def test_local_rows_equal_the_partitioned_step(precision, accum, devices):
     assert all_reduced(steps[1]) == [[f"f32[{sum(x.size for x in jax.tree.leaves(params)) + 2}]"]]
     with pytest.raises(ValueError, match="splits only 'data'"):
         make_train_step(graphdef, rest, opt, sched, lm_loss, local_rows=shd.make_mesh("data=2,fsdp=2", jax.devices()[:4]))
+
+
+def test_multi_step_equals_single_steps():
+    cfg = GPTConfig.preset("tiny", vocab_size=61, d_model=32, num_heads=4, num_layers=1, context_length=16)
+    graphdef, params, rest = split_model(GPT(cfg, rngs=nnx.Rngs(0)))
+    opt, sched = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"), 10)
+    rows = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(3, 4, 17)).astype(np.int32)
+    batches = {"tokens": rows[..., :-1], "targets": rows[..., 1:], "mask": np.ones((3, 4, 16), bool)}
+    poison = jnp.asarray([1.0, jnp.nan, 1.0], jnp.float32)  # the middle step diverges and is skipped
+    step = make_train_step(graphdef, rest, opt, sched, lm_loss)
+    single = jax.jit(step, compiler_options=FAST)
+    state, singles = init_state(params, opt, 0, "fp32"), []
+    for i in range(3):
+        state, m = single(state, jax.tree.map(lambda x: x[i], batches), poison[i])
+        singles.append(m)
+    multi_state, multi_m = jax.jit(make_multi_step(step, 3), compiler_options=FAST)(
+        init_state(params, opt, 0, "fp32"), batches, poison)
+    _assert_same_tree(multi_state, state)
+    _assert_same_tree(multi_m, jax.tree.map(lambda *xs: jnp.stack(xs), *singles))
+    assert multi_m["finite"].tolist() == [True, False, True] and int(multi_state["step"]) == 3
+    with pytest.raises(ValueError, match="3 batches stacked"):
+        make_multi_step(step, 3)(init_state(params, opt, 0, "fp32"), jax.tree.map(lambda x: x[:2], batches))
 
 
 # -- fused Q/K/V ----------------------------------------------------------------------------------

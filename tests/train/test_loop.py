@@ -61,6 +61,29 @@ def test_resume_onto_another_mesh(straight_run, corpus, tmp_path):
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-4), step
 
 
+def test_several_steps_per_call_train_as_one_per_call(straight_run, corpus, tmp_path, monkeypatch):
+    """--steps-per-call 3, resumed with 2: the same losses as one step per call (steps that log,
+    evaluate or save end a call, so every logged step is compared), and the auto choice."""
+    from tfd_jax.train import loop
+    from tfd_jax.train.loop import steps_per_call
+
+    traced = []  # the multi-step program is built and runs (traced once per run)
+    real = loop.make_multi_step
+    monkeypatch.setattr(loop, "make_multi_step", lambda step, k: (lambda *a: traced.append(k) or real(step, k)(*a)))
+    out_straight, _ = straight_run
+    out = tmp_path / "run"
+    train(cfg(corpus, out, steps=12, steps_per_call=3, log_every=4))
+    train(cfg(corpus, out, steps=20, resume=True, steps_per_call=2, log_every=4))
+    assert traced == [3, 2]
+    a, b = losses(out_straight), losses(out)
+    assert sorted(b) == [4, 5, 8, 10, 12, 15, 16, 20]
+    for step in b:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-5), step
+    assert steps_per_call(cfg(corpus, out, steps=100)) == 4 and steps_per_call(cfg(corpus, out, steps=99)) == 1
+    assert steps_per_call(cfg(corpus, out, steps=100), start_step=1) == 1
+    assert steps_per_call(cfg(corpus, out, steps=10, steps_per_call=3)) == 3
+
+
 def test_scan_layers_run_matches_the_unrolled_run_and_resumes_onto_another_mesh(straight_run, corpus, tmp_path):
     """Stacked block parameters (``scan_layers``) start from the same weights, checkpoint, restore
     onto another mesh and train to the same losses as the unrolled run."""

@@ -72,6 +72,10 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPU/TPU, fp32 on CPU")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=2,tensor=2 (default: all devices on data)")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
+                   help="training steps per compiled call (one lax.scan), so the host's work per call is shared "
+                        "by them; steps before one that logs, evaluates or saves run alone, and a second program "
+                        "is compiled (default: 4 on a CPU for 100 or more steps, else 1)")
     p.add_argument("--sampling", default=d.sampling, choices=["random", "epochs"],
                    help="where training windows start: uniformly at random (nanoGPT's) or each token once per epoch")
     p.add_argument(
@@ -91,7 +95,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint, with its own settings; only --steps, "
-                        "the logging/eval/checkpoint cadence, --mesh, --grad-accum, --remat and --attention may change")
+                        "the logging/eval/checkpoint cadence, --mesh, --grad-accum, --steps-per-call, --remat and --attention may change")
     p.add_argument("--force", action="store_true",
                    help="replace the run in --out with a new one (only a run directory, and only once the new run's settings and data are checked)")
     p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")
@@ -169,7 +173,8 @@ def config_from_args(args, base: "TrainConfig | None" = None) -> "TrainConfig": 
     direct = {
         "data": args.data, "max_bytes": args.max_bytes or None, "tokenizer": args.tokenizer,
         "vocab_size": args.vocab_size, "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "grad_accum": args.grad_accum, "sampling": args.sampling,
+        "seq_len": args.seq_len, "grad_accum": args.grad_accum, "steps_per_call": args.steps_per_call,
+        "sampling": args.sampling,
         "precision": args.precision, "mesh": args.mesh, "seed": args.seed, "log_every": args.log_every,
         "eval_every": args.eval_every, "eval_batches": args.eval_batches, "ckpt_every": args.ckpt_every,
         "samples": args.samples, "task": args.task, "arch": args.arch, "init_from": args.init_from,

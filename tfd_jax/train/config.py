@@ -46,6 +46,9 @@ class TrainConfig:
     seq_len: int = 128
     sampling: str = "random"  # where training windows start: "random" (nanoGPT's) or "epochs"
     grad_accum: int = 1
+    # training steps per compiled call (make_multi_step); None: 4 on a CPU for a run of 100 steps or
+    # more (the host's work per call then takes less from the cores the step runs on), else 1
+    steps_per_call: int | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, b2=0.99))
     precision: str | None = None  # None: bf16 on GPU/TPU, fp32 on CPU (on resume: the run's)
     mesh: str | None = None
@@ -97,7 +100,7 @@ class TrainConfig:
 #: too: it extends (or ends earlier) the run, and the learning-rate schedule follows the new total.
 RESUMABLE = frozenset({
     "out", "resume", "force", "steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
-    "keep_checkpoints", "mesh", "grad_accum", "samples", "sample_tokens", "sample_prompts", "progress",
+    "keep_checkpoints", "mesh", "grad_accum", "steps_per_call", "samples", "sample_tokens", "sample_prompts", "progress",
     "profile_dir", "profile_steps", "debug_nan_steps", "max_nonfinite_streak", "spike_factor",
 })
 #: Model settings that may differ on resume: how the same model is computed, not what it is.
@@ -147,6 +150,8 @@ def validate(cfg: TrainConfig, task=None) -> None:
     def is_num(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+    need(cfg.steps_per_call is None or (is_int(cfg.steps_per_call) and cfg.steps_per_call >= 1), "steps_per_call",
+         "an integer >= 1 (or unset: the library's choice)", cfg.steps_per_call)
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "ckpt_every",
                  "eval_batches", "keep_checkpoints", "max_nonfinite_streak", "profile_steps"):
         v = getattr(cfg, name)

@@ -47,7 +47,8 @@ from tfd_jax.train import sharding as shd
 from tfd_jax.train.config import RESUMABLE_MODEL, TrainConfig, TrainingError, flag, resume_changes, validate
 from tfd_jax.train.optim import make_optimizer
 from tfd_jax.train.precision import compute_dtype, default_precision
-from tfd_jax.train.step import init_state, make_eval_step, make_train_step, merge_model, rng_tags, split_trainable
+from tfd_jax.train.step import (init_state, make_eval_step, make_multi_step, make_train_step, merge_model, rng_tags,
+                                 split_trainable)
 from tfd_jax.train.tasks import Task, get_task, trainable_filter
 
 __all__ = ["TrainConfig", "TrainingError", "RunFailed", "Stopped", "Trainer", "train", "model_config_for",
@@ -546,8 +547,21 @@ def _restore(run: _Run, task: Task, m: _Model, checkpointer, log, is_main: bool)
 _STEP_METRICS = {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_finite", "overflow", "tokens"}
 
 
-def _compile(run: _Run, task: Task, m: _Model, mesh):
-    """The jitted, sharded train step (state donated) and eval step for the task: ``(step_fn, eval_fn)``."""
+def steps_per_call(cfg: TrainConfig, start_step: int = 0, task: Task | None = None) -> int:
+    """Training steps per compiled call: ``cfg.steps_per_call``, or when unset 4 on a CPU for 100
+    or more steps to go (a second program to compile, a few seconds, for about a quarter more tokens
+    per second on a 2-core machine) and 1 elsewhere: on a GPU or TPU the host runs ahead anyway, and
+    a task that makes its own data in the step (PPO's rollouts) is long beside the host's work."""
+    if cfg.steps_per_call is not None:
+        return cfg.steps_per_call
+    if task is not None and task.experience is not None:
+        return 1
+    return 4 if jax.default_backend() == "cpu" and cfg.steps - start_step >= 100 else 1
+
+
+def _compile(run: _Run, task: Task, m: _Model, mesh, per_call: int = 1):
+    """The jitted, sharded train step (state donated), the same for ``--steps-per-call`` steps at once
+    (None when that is 1) and the eval step for the task: ``(step_fn, multi_fn, eval_fn)``."""
     cfg, rep = run.cfg, shd.replicated(mesh)
     # On the CPU a data-parallel step sums each device's gradients in one flat all-reduce (XLA's CPU
     # runtime meets the devices once per reduced buffer otherwise); see make_train_step.
@@ -573,12 +587,45 @@ def _compile(run: _Run, task: Task, m: _Model, mesh):
         out_shardings=(m.state_sh, rep),
         donate_argnums=0,
     )
+    multi_fn = None
+    if per_call > 1:  # several steps in one call: the batches stacked on a leading axis
+        multi_fn = jax.jit(
+            make_multi_step(train_step, per_call),
+            in_shardings=(m.state_sh, shd.batch_sharding(mesh, 1, steps=True), rep, frozen_sh),
+            out_shardings=(m.state_sh, rep),
+            donate_argnums=0,
+        )
     if task.experience is not None:  # its loss reads its own experience: no held-out batches to score
-        return step_fn, None
+        return step_fn, multi_fn, None
     eval_fn = jax.jit(make_eval_step(m.graphdef, m.rest, task.loss_fn, prepare=task.prepare, seed=cfg.seed),
                       in_shardings=(m.state_sh["params"], m.state_sh.get("fixed", rep), shd.batch_sharding(mesh, 1),
                                     frozen_sh))
-    return step_fn, eval_fn
+    return step_fn, multi_fn, eval_fn
+
+
+def _steps_this_call(cfg: TrainConfig, step: int, start_step: int, k: int, profiling: bool) -> int:
+    """How many steps the next call runs: ``k`` (steps per call) unless one of them before the last
+    would log, evaluate, save or take a NaN rehearsal, or the run ends sooner; the first step (which
+    compiles, and is timed apart) and profiled steps run one per call."""
+    if k == 1 or step == start_step or profiling or cfg.profile_dir or step + k > cfg.steps:
+        return 1
+    inner = range(step + 1, step + k)  # the steps before the call's last
+    if any(s % cfg.log_every == 0 or s % cfg.eval_every == 0 or s % cfg.ckpt_every == 0 for s in inner):
+        return 1
+    if any(s in cfg.debug_nan_steps for s in range(step + 1, step + k + 1)):
+        return 1
+    return k
+
+
+def _per_step(pending: list, host: list) -> list[tuple[int, dict]]:
+    """``(step, metrics)`` for every step of the pulled calls (a multi-step call's metrics are stacked)."""
+    out = []
+    for (last, _, k), hm in zip(pending, host):
+        if k == 1:
+            out.append((last, hm))
+        else:
+            out.extend((last - k + 1 + i, {name: v[i] for name, v in hm.items()}) for i in range(k))
+    return out
 
 
 def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
@@ -602,7 +649,8 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     m.state = None  # the loop owns the state now (it is donated step by step)
     if start_step >= cfg.steps:
         log(f"nothing to do: the run is already at step {start_step} of {cfg.steps}")
-    step_fn, eval_fn = _compile(run, task, m, mesh)
+    per_call = steps_per_call(cfg, start_step, task)
+    step_fn, multi_fn, eval_fn = _compile(run, task, m, mesh, per_call)
     frozen = m.frozen
 
     matmul = m.num_matmul
@@ -640,7 +688,7 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
     last_t, last_step = None, start_step
     first_t = None  # when the first step (with its compilation) was done
     step = start_step
-    pending = []  # (step, device metrics) not yet pulled to the host
+    pending = []  # (last step, device metrics, steps in the call) not yet pulled to the host
     t_start = time.perf_counter()
     profiling = False
     # Made once on the devices, so the loop sends nothing but the batch. (Made by a jitted function:
@@ -654,11 +702,17 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             if cfg.profile_dir and step == start_step + 2:  # after compilation and one warm step
                 jax.profiler.start_trace(cfg.profile_dir)
                 profiling = True
-            local = next(data_it)
-            batch = shd.global_batch(local, mesh)
-            state, m = step_fn(state, batch, poison_nan if (step + 1) in cfg.debug_nan_steps else poison_one, frozen)
-            step += 1
-            pending.append((step, m))
+            k = _steps_this_call(cfg, step, start_step, per_call, profiling)
+            if k == 1:
+                batch = shd.global_batch(next(data_it), mesh)
+                state, m = step_fn(state, batch, poison_nan if (step + 1) in cfg.debug_nan_steps else poison_one, frozen)
+            else:  # k steps, none of which logs, evaluates, saves or rehearses a NaN but perhaps the last
+                locals_ = [next(data_it) for _ in range(k)]
+                batch = shd.global_batch({name: np.stack([b[name] for b in locals_]) for name in locals_[0]}, mesh,
+                                         steps=True)
+                state, m = multi_fn(state, batch, poison_one, frozen)
+            step += k
+            pending.append((step, m, k))
             if profiling and (step >= start_step + 2 + cfg.profile_steps or step == cfg.steps):
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
@@ -673,12 +727,12 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
             log_now = step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.steps or stop["signal"]
             if not (save_now or log_now):
                 continue
-            host = jax.device_get([mm for _, mm in pending])
+            host = _per_step(pending, jax.device_get([mm for _, mm, _ in pending]))
             now = time.perf_counter()
             tps = tokens_per_step * (step - last_step) / max(now - last_t, 1e-9) if step > last_step else None
             last_t, last_step = now, step
             state_counts = jax.device_get({k: state[k] for k in ("nonfinite", "nonfinite_streak", "loss_scale")})
-            for (s, _), hm in zip(pending, host):
+            for s, hm in host:
                 loss = float(hm["loss"])
                 if bool(hm["overflow"]):
                     pass  # fp16 loss-scale search: reported below as the scale changes
@@ -689,9 +743,9 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                     log(f"step {s}: loss spike {loss:.3f} (running average {ema:.3f})")
                 if bool(hm["finite"]):
                     ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            skipped = sum(bool(hm["overflow"]) for hm in host)
+            skipped = sum(bool(hm["overflow"]) for _, hm in host)
             pending.clear()
-            last = host[-1]
+            last = host[-1][1]
             record = {
                 "step": step,
                 "loss": float(last["loss"]) if bool(last["loss_finite"]) else None,

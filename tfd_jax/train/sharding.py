@@ -126,10 +126,12 @@ def param_shardings(params, mesh: Mesh, rules=PARTITION_RULES):
     )
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, steps: bool = False) -> NamedSharding:
     """Batches ``[B, T, ...]`` split over ``data`` x ``fsdp`` on the batch axis (``ndim=1``: a spec
-    that fits batch arrays of any rank, e.g. for a batch dict holding ``[B]`` and ``[B, T]`` arrays)."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    that fits batch arrays of any rank, e.g. for a batch dict holding ``[B]`` and ``[B, T]`` arrays).
+    ``steps=True``: several steps' batches stacked, ``[steps, B, T, ...]``, split on the second axis."""
+    lead = (None,) if steps else ()
+    return NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -141,10 +143,12 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble each process's slice of a batch into global arrays sharded over the batch axes."""
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, *, steps: bool = False) -> dict[str, jax.Array]:
+    """Assemble each process's slice of a batch into global arrays sharded over the batch axes
+    (``steps=True``: batches stacked ``[steps, B, ...]``, see :func:`batch_sharding`)."""
     return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in local.items()
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), steps=steps), np.asarray(v))
+        for k, v in local.items()
     }
 
 
