@@ -67,11 +67,12 @@ lever train_cudnn_ln train XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true $T
 lever train_cmdbuf train XLA_FLAGS="$CMDBUF" $T
 lever train_no_fuse_qkv train $T --no-fuse-qkv
 lever train_scan_layers train $T --scan-layers
+lever train_4_steps_per_call train $T --steps-per-call 4
 
 # One line per file: the figures to compare, side by side.
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.jsonl"
 import json, pathlib, sys
-keep = ("impl", "what", "batch_size", "ms_per_step", "tokens_per_s", "mfu", "first_step_s", "loop",
+keep = ("impl", "what", "batch_size", "steps_per_call", "ms_per_step", "tokens_per_s", "mfu", "first_step_s", "loop",
         "kernels_per_token", "command_buffers_per_token", "attention_impl", "ratio", "decode_ratio", "checks")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
     if f.name == "summary.jsonl":
