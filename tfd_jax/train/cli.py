@@ -75,7 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps-per-call", type=int, default=d.steps_per_call,
                    help="training steps per compiled call (one lax.scan), so the host's work per call is shared "
                         "by them; steps before one that logs, evaluates or saves run alone, and a second program "
-                        "is compiled (default: 4 on a CPU for 100 or more steps, else 1)")
+                        "is compiled (default: 4 in a one-process CPU run of 100 or more steps, else 1)")
     p.add_argument("--sampling", default=d.sampling, choices=["random", "epochs"],
                    help="where training windows start: uniformly at random (nanoGPT's) or each token once per epoch")
     p.add_argument(

@@ -549,14 +549,17 @@ _STEP_METRICS = {"loss", "grad_norm", "lr", "update_ratio", "finite", "loss_fini
 
 def steps_per_call(cfg: TrainConfig, start_step: int = 0, task: Task | None = None) -> int:
     """Training steps per compiled call: ``cfg.steps_per_call``, or when unset 4 on a CPU for 100
-    or more steps to go (a second program to compile, a few seconds, for about a quarter more tokens
-    per second on a 2-core machine) and 1 elsewhere: on a GPU or TPU the host runs ahead anyway, and
-    a task that makes its own data in the step (PPO's rollouts) is long beside the host's work."""
+    or more steps to go in a single process (a second program to compile, a few seconds, for about
+    a quarter more tokens per second on a 2-core machine) and 1 elsewhere: on a GPU or TPU the host
+    runs ahead anyway, and a task that makes its own data in the step (PPO's rollouts) is long
+    beside the host's work."""
     if cfg.steps_per_call is not None:
         return cfg.steps_per_call
     if task is not None and task.experience is not None:
         return 1
-    return 4 if jax.default_backend() == "cpu" and cfg.steps - start_step >= 100 else 1
+    # (several processes: measured on one only, so they keep one step per call unless asked)
+    one_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
+    return 4 if one_cpu and cfg.steps - start_step >= 100 else 1
 
 
 def _compile(run: _Run, task: Task, m: _Model, mesh, per_call: int = 1):
