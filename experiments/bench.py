@@ -192,10 +192,13 @@ def build_train_step(setup: dict, cfg=None):
     if k > 1:  # k steps per call (make_multi_step): the same batch k times, stacked on a leading axis
         from tfd_jax.train.step import make_multi_step
 
+        def stacked(x):
+            sh = x.sharding
+            return jax.device_put(np.stack([np.asarray(x)] * k), NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))
+                                  if isinstance(sh, NamedSharding) else None)
+
         step = make_multi_step(step, k)
-        batch = jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * k), NamedSharding(
-            x.sharding.mesh, PartitionSpec(None, *x.sharding.spec))) if isinstance(x.sharding, NamedSharding)
-            else jax.device_put(np.stack([np.asarray(x)] * k)), batch)
+        batch = jax.tree.map(stacked, batch)
     return model, state, jax.jit(step, donate_argnums=0), batch
 
 
@@ -374,7 +377,8 @@ def bench_tfd_jax(setup: dict) -> list[dict]:
         )
         train_rec = dict(
             base, what="train", **layout, data_devices=data_devices,
-            local_rows=data_devices > 1 and setup.get("local_rows") is not False, steps=steps, ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
+            local_rows=data_devices > 1 and setup.get("local_rows") is not False, steps=calls * k,
+            ms_per_step=piped * 1e3, ms_per_step_sync=med * 1e3,
             ms_per_step_sync_min=min(times) * 1e3, cpu_ms_per_step=statistics.median(cpu_times) * 1e3, tokens_per_s=tps,
             flops_per_token=fpt, peak_flops=peak,
             mfu=mx.mfu(tps, fpt, 1, peak),

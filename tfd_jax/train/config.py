@@ -46,8 +46,8 @@ class TrainConfig:
     seq_len: int = 128
     sampling: str = "random"  # where training windows start: "random" (nanoGPT's) or "epochs"
     grad_accum: int = 1
-    # training steps per compiled call (make_multi_step); None: 4 on a CPU for a run of 100 steps or
-    # more (the host's work per call then takes less from the cores the step runs on), else 1
+    # training steps per compiled call (make_multi_step); None: 4 in a one-process CPU run of 100
+    # steps or more (the host's work per call then takes less from the cores the step runs on), else 1
     steps_per_call: int | None = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, min_lr=2e-4, warmup_steps=30, b2=0.99))
     precision: str | None = None  # None: bf16 on GPU/TPU, fp32 on CPU (on resume: the run's)

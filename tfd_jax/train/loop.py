@@ -558,8 +558,12 @@ def steps_per_call(cfg: TrainConfig, start_step: int = 0, task: Task | None = No
     if task is not None and task.experience is not None:
         return 1
     # (several processes: measured on one only, so they keep one step per call unless asked)
-    one_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
-    return 4 if one_cpu and cfg.steps - start_step >= 100 else 1
+    return 4 if _one_cpu_process() and cfg.steps - start_step >= 100 else 1
+
+
+def _one_cpu_process() -> bool:
+    """This run is one process on the CPU: where the CPU fast paths were measured and are picked."""
+    return jax.default_backend() == "cpu" and jax.process_count() == 1
 
 
 def _compile(run: _Run, task: Task, m: _Model, mesh, per_call: int = 1):
@@ -568,8 +572,7 @@ def _compile(run: _Run, task: Task, m: _Model, mesh, per_call: int = 1):
     cfg, rep = run.cfg, shd.replicated(mesh)
     # On the CPU a data-parallel step sums each device's gradients in one flat all-reduce (XLA's CPU
     # runtime meets the devices once per reduced buffer otherwise); see make_train_step.
-    local_rows = mesh if (jax.default_backend() == "cpu" and jax.process_count() == 1 and task.rows_add_up
-                          and mesh.shape["data"] == mesh.devices.size > 1) else None
+    local_rows = mesh if (_one_cpu_process() and task.rows_add_up and mesh.shape["data"] == mesh.devices.size > 1) else None
     train_step = make_train_step(
         m.graphdef,
         m.rest,
@@ -723,6 +726,11 @@ def _train(run: _Run, task: Task, mesh, log, is_main: bool) -> dict:
                 log(f"profiler trace of {cfg.profile_steps} steps written to {cfg.profile_dir} (open it with TensorBoard or Perfetto)")
             if step == start_step + 1:
                 jax.block_until_ready(m)  # the first step includes compilation: time from here on
+                if multi_fn is not None:  # and so does the several-step program: compiled now, off the clock
+                    stacked = {name: jax.ShapeDtypeStruct((per_call, *x.shape), x.dtype,
+                                                          sharding=shd.batch_sharding(mesh, x.ndim + 1, steps=True))
+                               for name, x in batch.items()}
+                    multi_fn = multi_fn.lower(state, stacked, poison_one, frozen).compile()
                 first_t = last_t = time.perf_counter()
                 last_step = step
                 summary["compile_and_first_step_s"] = round(last_t - t_start, 2)
