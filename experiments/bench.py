@@ -122,6 +122,8 @@ def resolve_setup(args, backend: str) -> dict:
         overrides["scan_layers"] = args.scan_layers
     if args.remat is not None:
         overrides["remat"] = args.remat
+    if args.logits_dtype is not None:
+        overrides["logits_dtype"] = args.logits_dtype
     cfg = GPTConfig.preset(p["preset"], **overrides)
     if T > cfg.context_length:
         cfg = cfg.replace(context_length=T)
@@ -593,6 +595,9 @@ def parser() -> argparse.ArgumentParser:
                     help="tfd_jax: run the blocks as one scan (GPTConfig.scan_layers; faster compile)")
     ap.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default=None,
                     help="tfd_jax: activation checkpointing policy (GPTConfig.remat)")
+    ap.add_argument("--logits-dtype", choices=["float32", "bfloat16"], default=None,
+                    help="tfd_jax: the dtype the output head writes its logits in (GPTConfig.logits_dtype; "
+                         "default float32; bfloat16 halves the [B, T, V] array)")
     ap.add_argument("--decode-loop", choices=["auto", "while", "fixed"], default="auto",
                     help="tfd_jax's decode loop: early-exit while_loop, a loop of known trip count, or the "
                          "library's choice (tfd_jax.decode.decode_loop_kind)")

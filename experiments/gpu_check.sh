@@ -26,6 +26,8 @@
 #   train_cmdbuf       the training step under the full command-buffer list (host dispatch per step)
 #   train_no_fuse_qkv  three Q/K/V products in the training step
 #   train_scan_layers  the blocks as one lax.scan (compile time against step time)
+#   train_4_steps_per_call  four steps per jitted call (host dispatch per step)
+#   train_bf16_logits  the output head writes bfloat16 logits (GPTConfig.logits_dtype; peak memory too)
 # Each lever prints its train or decode line to the terminal as it finishes.
 set -u
 OUT=${OUT:-gpu_check}
@@ -68,11 +70,12 @@ lever train_cmdbuf train XLA_FLAGS="$CMDBUF" $T
 lever train_no_fuse_qkv train $T --no-fuse-qkv
 lever train_scan_layers train $T --scan-layers
 lever train_4_steps_per_call train $T --steps-per-call 4
+lever train_bf16_logits train $T --logits-dtype bfloat16
 
 # One line per file: the figures to compare, side by side.
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.jsonl"
 import json, pathlib, sys
-keep = ("impl", "what", "batch_size", "steps_per_call", "ms_per_step", "tokens_per_s", "mfu", "first_step_s", "loop",
+keep = ("impl", "what", "batch_size", "steps_per_call", "ms_per_step", "tokens_per_s", "mfu", "peak_memory_bytes", "first_step_s", "loop",
         "kernels_per_token", "command_buffers_per_token", "attention_impl", "ratio", "decode_ratio", "checks")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
     if f.name == "summary.jsonl":

@@ -79,6 +79,7 @@ def test_d_ff_defaults_to_four_times_width():
         (dict(vocab_size=0), "vocab_size"),
         (dict(dtype="float8"), "dtypes"),
         (dict(attention_impl="flash"), "attention_impl"),
+        (dict(logits_dtype="float16"), r"logits_dtype must be one of \('float32', 'bfloat16'\), got 'float16'"),
     ],
 )
 def test_invalid_config_raises(kwargs, match):

@@ -3,6 +3,7 @@ remat, packing (segment ids) and padding."""
 import functools
 
 import numpy as np
+import optax
 import pytest
 
 import jax
@@ -621,3 +622,64 @@ def test_fused_head_loss_in_bf16_matches_float64():
         for got, ref in ((dx, p @ w), (dw, p.T @ x)):
             rel = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
             assert rel < 2e-2, rel
+
+
+def test_bf16_logits_keep_a_bf16_array_for_the_backward_and_match_float64():
+    """``logits_dtype=bfloat16`` (the opt-in): the [rows, V] array the backward pass keeps is bfloat16
+    (float32 by default), and loss and gradients stay within bfloat16 rounding of float64."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    w = (rng.normal(size=(77, 32)) * 0.3).astype(np.float32)
+    t = rng.integers(0, 77, size=600)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    x64, w64 = np.asarray(xb, np.float64), np.asarray(wb, np.float64)  # the inputs as the product sees them
+    logits = x64 @ w64.T
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = lse - logits[np.arange(600), t]
+    p = np.exp(logits - lse[:, None])
+    p[np.arange(600), t] -= 1
+    # rounding each logit to bfloat16 moves it by at most |logit| / 256, so each loss by twice that
+    bound = 2 * np.abs(logits).max() / 256 + 1e-5
+    for pad in (1, 64):
+        kept = {}
+        for ldt in (jnp.float32, jnp.bfloat16):
+            losses, vjp = jax.vjp(
+                lambda a, b: layers.head_cross_entropy(a, b, "vm", jnp.bfloat16, jnp.asarray(t), pad, ldt), xb, wb)
+            kept[ldt] = {leaf.dtype for leaf in jax.tree.leaves(vjp) if leaf.shape == (600, 77 + (pad - 77 % pad) % pad)}
+            assert losses.dtype == jnp.float32 and losses.shape == (600,)
+            assert np.abs(np.asarray(losses, np.float64) - want).max() <= bound
+            dx, dw = vjp(jnp.ones(600, jnp.float32))
+            for got, ref in ((dx, p @ w64), (dw, p.T @ x64)):
+                rel = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+                assert rel < 2e-2, rel
+        assert kept == {jnp.float32: {jnp.dtype(jnp.float32)}, jnp.bfloat16: {jnp.dtype(jnp.bfloat16)}}, (pad, kept)
+    out = layers.head_matmul(xb, wb, "vm", jnp.bfloat16, 1, jnp.bfloat16)
+    assert out.dtype == jnp.float32
+    assert np.abs(np.asarray(out, np.float64) - logits).max() <= np.abs(logits).max() / 256 + 1e-5
+    with pytest.raises(ValueError, match="logits_dtype must be one of"):
+        layers.head_matmul(xb, wb, "vm", jnp.bfloat16, 1, jnp.float16)
+
+
+def test_a_model_with_bf16_logits_trains_like_float32_logits():
+    """GPTConfig(logits_dtype="bfloat16"): logits and losses within bfloat16 rounding of the default's."""
+    cfg = GPTConfig.preset("tiny", vocab_size=301, dtype="bfloat16")
+    tokens = jax.random.randint(jax.random.key(3), (2, cfg.context_length), 0, cfg.vocab_size)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    opt_in = nnx.merge(nnx.split(GPT(cfg.replace(logits_dtype="bfloat16"), rngs=nnx.Rngs(0)), nnx.Param)[0], params)
+
+    def loss(m, p):
+        return jnp.mean(nnx.merge(nnx.graphdef(m), p).token_losses(tokens[:, :-1], tokens[:, 1:]))
+
+    (l32, g32), (l16, g16) = jax.value_and_grad(lambda p: loss(model, p))(params), jax.value_and_grad(lambda p: loss(opt_in, p))(params)
+    logits = model(tokens)
+    assert np.abs(np.asarray(opt_in(tokens) - logits)).max() <= np.abs(np.asarray(logits)).max() / 256 + 1e-6
+    assert abs(float(l16) - float(l32)) < 1e-2 and np.isfinite(float(l16))
+    total = float(optax.tree.norm(g32))
+    rows = tokens[:, :-1].size
+    for m, kept in ((model, jnp.float32), (opt_in, jnp.bfloat16)):  # the [rows, V] array the backward keeps
+        vjp = jax.vjp(lambda p: loss(m, p), params)[1]
+        assert {x.dtype for x in jax.tree.leaves(vjp) if x.shape == (rows, cfg.vocab_size)} == {jnp.dtype(kept)}
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        diff = float(jnp.linalg.norm((a - b).ravel()))
+        assert diff <= 0.05 * float(jnp.linalg.norm(b.ravel())) or diff <= 1e-3 * total, (diff, total)

@@ -14,6 +14,7 @@ from tfd_jax.nn.config import DTYPES as _DTYPES
 from tfd_jax.nn.config import BlockConfig, ConfigMixin
 from tfd_jax.nn.stack import REMAT_POLICIES
 from tfd_jax.ops.feedforward import ACTIVATIONS
+from tfd_jax.ops.head import LOGITS_DTYPES
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class GPTConfig(ConfigMixin):
     # (logits are cut back to vocab_size): matrix units need aligned shapes and GPT-2's 50,257 is
     # odd. 0 = automatic: 128 on GPU/TPU, none on CPU. Parameters keep their true shape.
     vocab_pad_multiple: int = 0
+    # The dtype the output head writes its logits in: "float32" (the course's numbers) or, as an
+    # opt-in for mixed-precision training, "bfloat16": the [B, T, V] logits (the largest array of a
+    # GPT-2 step) take half the memory and traffic; loss and softmax stay float32 (ops.head_cross_entropy).
+    logits_dtype: str = "float32"
     # LoRA adapters on the Linear layers whose paths end with one of lora_targets (comma-separated;
     # Chapter 18, beyond the course; tfd_jax.nn.lora): 0 = none. With adapters, training updates
     # only them (and a task's fresh head), and the model with its adapters off is the base model.
@@ -111,6 +116,7 @@ class GPTConfig(ConfigMixin):
                 f"attention_impl must be 'reference', 'xla', 'cudnn', 'splash' or 'auto', got {self.attention_impl!r}",
             ),
             (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes must be among {sorted(_DTYPES)}"),
+            (self.logits_dtype in LOGITS_DTYPES, f"logits_dtype must be one of {LOGITS_DTYPES}, got {self.logits_dtype!r}"),
             (
                 isinstance(self.vocab_pad_multiple, int) and self.vocab_pad_multiple >= 0,
                 f"vocab_pad_multiple must be 0 (automatic) or a positive int, got {self.vocab_pad_multiple!r}",

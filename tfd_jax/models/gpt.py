@@ -111,8 +111,9 @@ class GPT(nnx.Module):
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.lm_head is None:
-            return self.tok_embed.attend(h, pad_multiple=self._vocab_pad())
-        out = ops.head_matmul(h, self.lm_head.weight(), "mv", self.config.compute_dtype, self._vocab_pad())
+            return self.tok_embed.attend(h, pad_multiple=self._vocab_pad(), logits_dtype=self.config.logits_dtype)
+        out = ops.head_matmul(h, self.lm_head.weight(), "mv", self.config.compute_dtype, self._vocab_pad(),
+                              self.config.logits_dtype)
         if self.lm_head.bias is not None:
             out = out + self.lm_head.bias[...].astype(jnp.float32)
         return out
@@ -171,10 +172,10 @@ class GPT(nnx.Module):
             return ops.token_cross_entropy(self.logits(h), targets)
         if self.final_norm is not None:
             h = self.final_norm(h)
-        dtype, pad = self.config.compute_dtype, self._vocab_pad()
+        dtype, pad, ldt = self.config.compute_dtype, self._vocab_pad(), self.config.logits_dtype
         if self.lm_head is None:
-            return ops.head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad)
-        return ops.head_cross_entropy(h, self.lm_head.weight(), "mv", dtype, targets, pad)
+            return ops.head_cross_entropy(h, self.tok_embed.embedding[...], "vm", dtype, targets, pad, ldt)
+        return ops.head_cross_entropy(h, self.lm_head.weight(), "mv", dtype, targets, pad, ldt)
 
     def check_input(self, tokens: jax.Array) -> None:
         """Shape and dtype checks that give a clear error instead of a failure deep inside JAX."""

@@ -156,13 +156,14 @@ class Embed(nnx.Module):
         """ids: int ``[...]`` -> ``[..., M]`` (the course's lookup ``E[id, :]``)."""
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array, *, pad_multiple: int = 1) -> jax.Array:
+    def attend(self, x: jax.Array, *, pad_multiple: int = 1, logits_dtype=jnp.float32) -> jax.Array:
         """Tied output head, ``x @ E^T`` in float32: ``[..., M]`` -> ``[..., V]`` (Chapter 10).
 
         ``pad_multiple > 1`` runs the matmul on a table padded with zero rows to a multiple of it
         and cuts the logits back to ``V`` (same result; faster on matrix units for an odd ``V``).
+        ``logits_dtype`` bfloat16 rounds the logits to it (``ops.head_matmul``).
         """
-        return head_matmul(x, self.embedding[...], "vm", self.dtype, pad_multiple)
+        return head_matmul(x, self.embedding[...], "vm", self.dtype, pad_multiple, logits_dtype)
 
 
 class LayerNorm(nnx.Module):
