@@ -598,6 +598,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--logits-dtype", choices=["float32", "bfloat16"], default=None,
                     help="tfd_jax: the dtype the output head writes its logits in (GPTConfig.logits_dtype; "
                          "default float32; bfloat16 halves the [B, T, V] array)")
+    ap.add_argument("--embed-grad", choices=["scatter", "sorted"], default=None,
+                    help="tfd_jax: how the embedding lookup's gradient is formed (nn.Embed.grad_impl; "
+                         "default scatter: a scatter-add; sorted: a sort, then a sorted segment sum)")
     ap.add_argument("--decode-loop", choices=["auto", "while", "fixed"], default="auto",
                     help="tfd_jax's decode loop: early-exit while_loop, a loop of known trip count, or the "
                          "library's choice (tfd_jax.decode.decode_loop_kind)")
@@ -696,6 +699,7 @@ def main(argv=None) -> list[dict] | dict:
     setup = resolve_setup(args, jax.default_backend())
     setup["fuse_qkv"] = args.fuse_qkv
     setup["local_rows"] = args.local_rows
+    setup["embed_grad"] = args.embed_grad
     if args.steps_per_call is not None and args.steps_per_call < 1:
         raise SystemExit("--steps-per-call must be >= 1")
     setup["steps_per_call"] = args.steps_per_call or (4 if jax.default_backend() == "cpu" else 1)
@@ -703,6 +707,10 @@ def main(argv=None) -> list[dict] | dict:
         from tfd_jax.nn.transformer import MultiHeadAttention
 
         MultiHeadAttention.fuse_qkv = args.fuse_qkv
+    if args.embed_grad is not None:
+        from tfd_jax.nn.layers import Embed
+
+        Embed.grad_impl = args.embed_grad
     import flax
 
     emit(dict(impl="tfd_jax", what="setup", jax=jax.__version__, flax=flax.__version__,

@@ -28,6 +28,7 @@
 #   train_scan_layers  the blocks as one lax.scan (compile time against step time)
 #   train_4_steps_per_call  four steps per jitted call (host dispatch per step)
 #   train_bf16_logits  the output head writes bfloat16 logits (GPTConfig.logits_dtype; peak memory too)
+#   train_sorted_embed_grad  the embedding gradient as a sort and a sorted segment sum, not a scatter-add
 # Each lever prints its train or decode line to the terminal as it finishes.
 set -u
 OUT=${OUT:-gpu_check}
@@ -71,6 +72,7 @@ lever train_no_fuse_qkv train $T --no-fuse-qkv
 lever train_scan_layers train $T --scan-layers
 lever train_4_steps_per_call train $T --steps-per-call 4
 lever train_bf16_logits train $T --logits-dtype bfloat16
+lever train_sorted_embed_grad train $T --embed-grad sorted
 
 # One line per file: the figures to compare, side by side.
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.jsonl"

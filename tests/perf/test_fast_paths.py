@@ -26,7 +26,10 @@ from flax import nnx
 
 from fastjit import FAST
 from tfd_jax.decode import decode_loop_kind, generate, rollout, rollout_traced
+from tfd_jax import ops
 from tfd_jax.models import GPT, GPTConfig
+from tfd_jax.nn.layers import Embed
+from tfd_jax.ops.embedding import EMBED_GRADS
 from tfd_jax.nn.transformer import MultiHeadAttention
 from tfd_jax.train import sharding as shd
 from tfd_jax.train.optim import OptimConfig, make_optimizer
@@ -300,3 +303,46 @@ def test_decode_loop_kind(monkeypatch):
     assert decode_loop_kind("while") == "while"  # an explicit choice wins over the environment
     with pytest.raises(ValueError, match="unknown decode loop"):
         decode_loop_kind("unrolled")
+
+
+# ------------------------------------------------------------------------------------------------
+# The embedding lookup's gradient: scatter-add (default) or sort + sorted segment sum
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", EMBED_GRADS)
+def test_embedding_lookup_gradient_equals_float64(grad):
+    rng = np.random.default_rng(4)
+    table = rng.normal(size=(11, 5)).astype(np.float32)
+    ids = rng.integers(0, 11, size=(3, 17))
+    ids[0, :6] = 2  # a frequent token: many positions add into one row
+    g = rng.normal(size=(3, 17, 5)).astype(np.float32)
+    out, vjp = jax.vjp(lambda t: ops.embedding_lookup(t, jnp.asarray(ids), grad), jnp.asarray(table))
+    np.testing.assert_array_equal(out, table[ids])
+    want = np.zeros((11, 5))
+    np.add.at(want, ids.reshape(-1), g.reshape(-1, 5).astype(np.float64))
+    (got,) = vjp(jnp.asarray(g))
+    assert got.dtype == jnp.float32 and got.shape == (11, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="embedding grad must be one of"):
+        ops.embedding_lookup(jnp.asarray(table), jnp.asarray(ids), "onehot")
+
+
+def test_sorted_embedding_grad_equals_the_scatter_in_a_model(monkeypatch):
+    cfg = GPTConfig.preset("tiny", **CONFIGS["gpt2 (biases)"])
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 7, (3, 13)), jnp.int32)  # few distinct tokens
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def sorts_in_the_gradient():
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p).token_losses(tokens[:, :-1], tokens[:, 1:]))
+        return "sort[" in str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    scatter = _loss_and_grads(model, tokens)
+    assert not sorts_in_the_gradient()
+    monkeypatch.setattr(Embed, "grad_impl", "sorted")
+    sorted_ = _loss_and_grads(model, tokens)
+    assert sorts_in_the_gradient()
+    np.testing.assert_array_equal(sorted_[0], scatter[0])
+    for (path, a), (_, b) in zip(nnx.to_flat_state(sorted_[2]), nnx.to_flat_state(scatter[2])):
+        np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path))

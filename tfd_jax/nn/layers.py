@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfd_jax import ops
+from tfd_jax.ops.embedding import embedding_lookup
 from tfd_jax.ops.head import head_matmul
 
 Initializer = Callable[..., jax.Array]
@@ -136,7 +137,13 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token (or position) embedding table ``[V, M]``; row ``i`` is token ``i``'s vector (Chapter 3)."""
+    """Token (or position) embedding table ``[V, M]``; row ``i`` is token ``i``'s vector (Chapter 3).
+
+    ``grad_impl`` (a class attribute) is how the lookup's gradient is formed: ``"scatter"`` (the
+    default) or ``"sorted"`` (``ops.embedding_lookup``); the values are the same either way.
+    """
+
+    grad_impl: str = "scatter"
 
     def __init__(
         self,
@@ -154,7 +161,7 @@ class Embed(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids: int ``[...]`` -> ``[..., M]`` (the course's lookup ``E[id, :]``)."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return embedding_lookup(self.embedding[...], ids, self.grad_impl).astype(self.dtype)
 
     def attend(self, x: jax.Array, *, pad_multiple: int = 1, logits_dtype=jnp.float32) -> jax.Array:
         """Tied output head, ``x @ E^T`` in float32: ``[..., M]`` -> ``[..., V]`` (Chapter 10).

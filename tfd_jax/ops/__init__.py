@@ -17,6 +17,7 @@ from tfd_jax.ops.attention import (
     splash_attention,
 )
 from tfd_jax.ops.dropout import dropout
+from tfd_jax.ops.embedding import EMBED_GRADS, embedding_lookup
 from tfd_jax.ops.feedforward import ACTIVATIONS, activation_fn, dense, feed_forward, gated_feed_forward
 from tfd_jax.ops.head import head_cross_entropy, head_matmul
 from tfd_jax.ops.losses import accuracy, cross_entropy, perplexity, token_cross_entropy
@@ -58,6 +59,8 @@ __all__ = [
     "dense",
     "cross_entropy",
     "dropout",
+    "EMBED_GRADS",
+    "embedding_lookup",
     "feed_forward",
     "filter_logits",
     "gated_feed_forward",
