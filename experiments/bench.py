@@ -127,7 +127,7 @@ def resolve_setup(args, backend: str) -> dict:
     cfg = GPTConfig.preset(p["preset"], **overrides)
     if T > cfg.context_length:
         cfg = cfg.replace(context_length=T)
-    optim = dataclasses.asdict(OptimConfig(**p["optim"]))
+    optim = dataclasses.asdict(OptimConfig(**p["optim"], flat_update=bool(args.flat_update)))
     prompt_len = min(args.prompt_len, cfg.context_length - 1)
     new_tokens = args.new_tokens or max(min(cfg.context_length - prompt_len, 256), 1)
     return dict(
@@ -601,6 +601,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--embed-grad", choices=["scatter", "sorted"], default=None,
                     help="tfd_jax: how the embedding lookup's gradient is formed (nn.Embed.grad_impl; "
                          "default scatter: a scatter-add; sorted: a sort, then a sorted segment sum)")
+    ap.add_argument("--flat-update", action=argparse.BooleanOptionalAction, default=False,
+                    help="tfd_jax: the optimizer update over two flat vectors (OptimConfig.flat_update) "
+                         "instead of one update per parameter")
     ap.add_argument("--decode-loop", choices=["auto", "while", "fixed"], default="auto",
                     help="tfd_jax's decode loop: early-exit while_loop, a loop of known trip count, or the "
                          "library's choice (tfd_jax.decode.decode_loop_kind)")

@@ -29,6 +29,7 @@
 #   train_4_steps_per_call  four steps per jitted call (host dispatch per step)
 #   train_bf16_logits  the output head writes bfloat16 logits (GPTConfig.logits_dtype; peak memory too)
 #   train_sorted_embed_grad  the embedding gradient as a sort and a sorted segment sum, not a scatter-add
+#   train_flat_update  the optimizer update over two flat vectors (OptimConfig.flat_update), not per parameter
 # Each lever prints its train or decode line to the terminal as it finishes.
 set -u
 OUT=${OUT:-gpu_check}
@@ -73,6 +74,7 @@ lever train_scan_layers train $T --scan-layers
 lever train_4_steps_per_call train $T --steps-per-call 4
 lever train_bf16_logits train $T --logits-dtype bfloat16
 lever train_sorted_embed_grad train $T --embed-grad sorted
+lever train_flat_update train $T --flat-update
 
 # One line per file: the figures to compare, side by side.
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.jsonl"

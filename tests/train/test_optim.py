@@ -86,6 +86,34 @@ def test_clipping_equals_optax_and_keeps_its_state(norm):
     assert jax.tree.structure(make_optimizer(cfg, 10)[0].init(p)) == jax.tree.structure(reference.init(p))
 
 
+@pytest.mark.parametrize("name,wd", [("adamw", 0.1), ("adam", 0.0)])
+def test_flat_update_equals_the_per_parameter_update(name, wd):
+    """OptimConfig.flat_update: the same parameters after a few clipped, decayed steps, from two
+    flat moment vectors (decayed and not) instead of one pair per parameter."""
+    params = nnx.state(GPT(GPTConfig.preset("tiny", vocab_size=97), rngs=nnx.Rngs(0)), nnx.Param)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    rng = np.random.default_rng(3)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params) for _ in range(3)]
+    out = {}
+    for flat in (False, True):
+        tx, _ = make_optimizer(OptimConfig(name=name, weight_decay=wd, lr=1e-2, warmup_steps=1, flat_update=flat), 10)
+        p, state = params, tx.init(params)
+        for g in grads:  # the gradient norms are ~30: clipping acts on every step
+            u, state = jax.jit(tx.update)(g, state, p)
+            p = optax.apply_updates(p, u)
+        out[flat] = p
+        moments = [x for x in jax.tree.leaves(state) if x.ndim]
+        if flat:  # one vector per moment and group, holding every parameter once
+            assert all(x.ndim == 1 for x in moments) and sum(x.size for x in moments) == 2 * n
+            assert len(moments) == (4 if wd else 2)
+        else:
+            assert len(moments) == 2 * len(jax.tree.leaves(params))
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(params)))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_bad_optimizer_settings():
     with pytest.raises(ValueError, match="learning rate must be positive"):
         make_optimizer(OptimConfig(lr=0.0), 10)

@@ -1,4 +1,5 @@
 """The training step against independent references: the full batch, a single device, one process."""
+import dataclasses
 import json
 import os
 import socket
@@ -204,6 +205,21 @@ def test_default_cpu_mesh_trains_on_the_devices_the_batch_splits_over(monkeypatc
     assert dict(loop._make_mesh(cfg).shape) == {"data": 6, "fsdp": 1, "tensor": 1}
     with pytest.raises(TrainingError, match="must be a multiple"):
         loop._make_mesh(TrainConfig(batch_size=12, mesh="data=8"))
+
+
+def test_flat_update_needs_a_data_only_mesh_and_resumes_only_as_it_started():
+    from tfd_jax.train.config import resume_changes
+    from tfd_jax.train.optim import OptimConfig
+
+    flat = TrainConfig(batch_size=8, mesh="data=4,fsdp=2", optim=OptimConfig(flat_update=True))
+    with pytest.raises(TrainingError, match=r"flat_update .* not sharded: use it on a data-only mesh"):
+        loop._make_mesh(flat)
+    assert dict(loop._make_mesh(dataclasses.replace(flat, mesh="data=8")).shape)["data"] == 8
+    run = {"train": TrainConfig().to_dict(), "model": {"logits_dtype": "float32"}}
+    with pytest.raises(TrainingError, match=r"TrainConfig.optim.flat_update true \(the run has false\)"):
+        resume_changes(run, TrainConfig(optim=OptimConfig(flat_update=True)))
+    with pytest.raises(TrainingError, match=r"--model logits_dtype bfloat16 \(the run has float32\)"):
+        resume_changes(run, TrainConfig(), {"logits_dtype": "bfloat16"})
 
 
 def _free_port() -> int:

@@ -106,7 +106,8 @@ RESUMABLE = frozenset({
 #: Model settings that may differ on resume: how the same model is computed, not what it is.
 RESUMABLE_MODEL = frozenset({"remat", "attention_impl"})
 
-#: ``tfd-jax train`` flag of each setting, for messages (the rest are ``--field-name``).
+#: ``tfd-jax train`` flag of each setting, for messages (the rest are ``--field-name``, and optimizer
+#: settings without a flag are named as ``TrainConfig.optim`` fields).
 FLAGS = {
     "optim.lr": "--lr", "optim.min_lr": "--min-lr", "optim.warmup_steps": "--warmup",
     "optim.weight_decay": "--weight-decay", "optim.b2": "--beta2", "optim.name": "--optimizer",
@@ -123,6 +124,8 @@ def flag(name: str) -> str:
         return FLAGS[name]
     if name.startswith("model."):
         return f"--model {name[len('model.'):]}"
+    if name.startswith("optim."):
+        return f"TrainConfig.optim.{name[len('optim.'):]}"
     return "--" + name.split(".")[-1].replace("_", "-")
 
 
@@ -194,6 +197,7 @@ def validate(cfg: TrainConfig, task=None) -> None:
     need(o.clip_norm is None or (is_num(o.clip_norm) and o.clip_norm > 0), "optim.clip_norm", "positive or none", o.clip_norm)
     need(o.name in ("adamw", "adam"), "optim.name", "adamw or adam", o.name)
     need(o.schedule in ("cosine", "constant"), "optim.schedule", "cosine or constant", o.schedule)
+    need(isinstance(o.flat_update, bool), "optim.flat_update", "true or false", o.flat_update)
     need(o.decay_steps is None or (is_int(o.decay_steps) and o.decay_steps >= 1), "optim.decay_steps",
          "an integer >= 1 or none", o.decay_steps)
     for key in ("dropout", "embed_dropout"):

@@ -143,6 +143,10 @@ def _make_mesh(cfg: TrainConfig):
             f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x data x fsdp "
             f"({divisor}) so every micro-batch splits evenly over the devices"
         )
+    if cfg.optim.flat_update and any(n > 1 for name, n in mesh.shape.items() if name != "data"):
+        raise TrainingError(
+            f"TrainConfig.optim.flat_update keeps the optimizer's moments as flat vectors, which are not sharded: "
+            f"use it on a data-only mesh (this one is {dict(mesh.shape)}) or turn it off")
     return mesh
 
 
@@ -483,7 +487,7 @@ def _build_model(run: _Run, task: Task, mesh, log) -> _Model:
         return init_state(p, optimizer, cfg.seed, run.precision, fixed=f, buffer=buffer)
 
     abstract_state = jax.eval_shape(new_state, params, fixed)
-    state_sh = _state_shardings(abstract_state, optimizer, p_sh, shd.replicated(mesh), f_sh)
+    state_sh = _state_shardings(abstract_state, optimizer, p_sh, shd.replicated(mesh), f_sh, cfg.optim.flat_update)
     state = jax.jit(new_state, out_shardings=state_sh)(params, fixed)
     tags = rng_tags(abstract_model) if _has_dropout(model_cfg) else ()
     frozen = None
@@ -877,17 +881,22 @@ def _has_dropout(model_cfg) -> bool:
     return bool(getattr(model_cfg, "dropout", 0.0) or getattr(model_cfg, "embed_dropout", 0.0))
 
 
-def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None):
+def _state_shardings(abstract_state, optimizer, p_sh, rep, f_sh=None, flat=False):
+    """The training state's shardings: the parameters' own, the optimizer's moments as their
+    parameters (replicated when ``flat``: ``OptimConfig.flat_update``'s vectors), the rest replicated."""
     import optax
 
-    opt_sh = optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda _, s: s,
-        abstract_state["opt_state"],
-        p_sh,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )
+    if flat:
+        opt_sh = jax.tree.map(lambda _: rep, abstract_state["opt_state"])
+    else:
+        opt_sh = optax.tree_utils.tree_map_params(
+            optimizer,
+            lambda _, s: s,
+            abstract_state["opt_state"],
+            p_sh,
+            transform_non_params=lambda _: rep,
+            is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+        )
     special = {"params": p_sh, "opt_state": opt_sh, "fixed": f_sh}
     if "buffer" in abstract_state:  # a task's experience: rows over the batch axes, like a batch
         rows = shd.batch_sharding(rep.mesh, 1)

@@ -31,6 +31,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False  # also decay embedding tables (nanoGPT decays every 2-D parameter)
     clip_norm: float | None = 1.0
+    # Run the update over flat vectors: the parameters that decay and those that do not each
+    # concatenated into one float32 vector, updated as one array (optax.flatten), instead of one
+    # update per parameter. An opt-in measured by experiments/gpu_check.sh; the optimizer state is
+    # then two flat vectors per moment, so a run resumes only with the setting it started with.
+    flat_update: bool = False
 
     @classmethod
     def course(cls) -> "OptimConfig":
@@ -113,20 +118,22 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
         if cfg.clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive or None, got {cfg.clip_norm}")
         parts.append(clip_by_global_norm(cfg.clip_norm))
-    if cfg.name == "adamw":
-        parts.append(
-            optax.adamw(
-                sched,
-                b1=cfg.b1,
-                b2=cfg.b2,
-                eps=cfg.eps,
-                weight_decay=cfg.weight_decay,
-                mask=partial(decay_mask, embeddings=cfg.decay_embeddings),
-                mu_dtype=jnp.float32,
-            )
-        )
-    elif cfg.name == "adam":
-        parts.append(optax.adam(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=jnp.float32))
-    else:
+    if cfg.name not in ("adamw", "adam"):
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose 'adamw' or 'adam'")
+    adam = dict(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=jnp.float32)
+    decays = cfg.name == "adamw" and cfg.weight_decay != 0
+    if not cfg.flat_update:
+        if cfg.name == "adamw":
+            parts.append(optax.adamw(sched, weight_decay=cfg.weight_decay,
+                                     mask=partial(decay_mask, embeddings=cfg.decay_embeddings), **adam))
+        else:
+            parts.append(optax.adam(sched, **adam))
+    elif not decays:
+        parts.append(optax.flatten(optax.adam(sched, **adam)))
+    else:  # the decayed parameters in one vector, the others in another (each update is then uniform)
+        labels = lambda params: jax.tree.map(  # noqa: E731
+            lambda d: "decay" if d else "keep", decay_mask(params, embeddings=cfg.decay_embeddings))
+        parts.append(optax.multi_transform(
+            {"decay": optax.flatten(optax.adamw(sched, weight_decay=cfg.weight_decay, **adam)),
+             "keep": optax.flatten(optax.adam(sched, **adam))}, labels))
     return optax.chain(*parts), sched
