@@ -604,6 +604,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--flat-update", action=argparse.BooleanOptionalAction, default=False,
                     help="tfd_jax: the optimizer update over two flat vectors (OptimConfig.flat_update) "
                          "instead of one update per parameter")
+    ap.add_argument("--decode-kernel", choices=["xla", "pallas"], default=None,
+                    help="tfd_jax: a decoding step's attention over the cache through XLA (the default) or "
+                         "JAX's Pallas flash-decoding kernel (MultiHeadAttention.decode_kernel; GPU)")
     ap.add_argument("--decode-loop", choices=["auto", "while", "fixed"], default="auto",
                     help="tfd_jax's decode loop: early-exit while_loop, a loop of known trip count, or the "
                          "library's choice (tfd_jax.decode.decode_loop_kind)")
@@ -703,6 +706,7 @@ def main(argv=None) -> list[dict] | dict:
     setup["fuse_qkv"] = args.fuse_qkv
     setup["local_rows"] = args.local_rows
     setup["embed_grad"] = args.embed_grad
+    setup["decode_kernel"] = args.decode_kernel
     if args.steps_per_call is not None and args.steps_per_call < 1:
         raise SystemExit("--steps-per-call must be >= 1")
     setup["steps_per_call"] = args.steps_per_call or (4 if jax.default_backend() == "cpu" else 1)
@@ -710,6 +714,10 @@ def main(argv=None) -> list[dict] | dict:
         from tfd_jax.nn.transformer import MultiHeadAttention
 
         MultiHeadAttention.fuse_qkv = args.fuse_qkv
+    if args.decode_kernel is not None:
+        from tfd_jax.nn.transformer import MultiHeadAttention
+
+        MultiHeadAttention.decode_kernel = None if args.decode_kernel == "xla" else args.decode_kernel
     if args.embed_grad is not None:
         from tfd_jax.nn.layers import Embed
 

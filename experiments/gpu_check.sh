@@ -20,6 +20,8 @@
 #   decode_cmdbuf      decode_fixed with the whole loop as one command buffer: every command type,
 #                      WHILE and CONDITIONAL included, and no minimum graph size
 #   decode_no_fuse_qkv three Q/K/V products instead of one (kernels per token, tokens/s)
+#   decode_pallas      the cache attention through JAX's Pallas flash-decoding kernel (--decode-kernel pallas)
+#   decode_pallas_cmdbuf  decode_pallas in the fixed loop as one command buffer
 #   train_cublaslt     --xla_gpu_enable_cublaslt=true
 #   train_no_triton    --xla_gpu_enable_triton_gemm=false (cuBLAS for every matmul)
 #   train_cudnn_ln     --xla_gpu_enable_cudnn_layer_norm=true
@@ -65,6 +67,8 @@ lever decode_while decode $D --decode-loop while
 lever decode_fixed decode $D --decode-loop fixed
 lever decode_cmdbuf decode XLA_FLAGS="$CMDBUF" $D --decode-loop fixed
 lever decode_no_fuse_qkv decode $D --no-fuse-qkv
+lever decode_pallas decode $D --decode-kernel pallas
+lever decode_pallas_cmdbuf decode XLA_FLAGS="$CMDBUF" $D --decode-loop fixed --decode-kernel pallas
 lever train_cublaslt train XLA_FLAGS=--xla_gpu_enable_cublaslt=true $T
 lever train_no_triton train XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $T
 lever train_cudnn_ln train XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true $T

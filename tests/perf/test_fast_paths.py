@@ -346,3 +346,50 @@ def test_sorted_embedding_grad_equals_the_scatter_in_a_model(monkeypatch):
     np.testing.assert_array_equal(sorted_[0], scatter[0])
     for (path, a), (_, b) in zip(nnx.to_flat_state(sorted_[2]), nnx.to_flat_state(scatter[2])):
         np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# The Pallas flash-decoding kernel (opt-in) against XLA's attention, in Pallas's interpreter here
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["multi-head", "grouped-query"])
+def test_decode_attention_equals_float64(heads, kv_heads):
+    B, S, D = 3, 64, 16
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, heads, D))
+    k, v = (jax.random.normal(x, (B, S, kv_heads, D)) for x in ks[1:])
+    lengths = jnp.asarray([1, 37, S])
+    got = ops.decode_attention(q, k, v, lengths, scale=0.3)
+    kk, vv = (np.repeat(np.asarray(a, np.float64), heads // kv_heads, axis=2) for a in (k, v))
+    s = np.einsum("bhd,bshd->bhs", np.asarray(q, np.float64), kk) * 0.3
+    s = np.where(np.arange(S)[None, None] < np.asarray(lengths)[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhs,bshd->bhd", p / p.sum(-1, keepdims=True), vv)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert ops.decode_attention_plan(64, 16) == (4, 16) and ops.decode_attention_plan(1024, 64) == (16, 64)
+    assert ops.decode_attention_plan(8, 16) is None and ops.decode_attention_plan(64, 24) is None
+
+
+def test_decode_kernel_in_the_model_equals_xla_attention(model, monkeypatch):
+    prompts = jnp.asarray([[5, 17, 3, 9], [8, 1, 2, 3]], jnp.int32)
+    cache = model.init_cache(2, 32)
+    _, cache = model.forward_cached(prompts, cache, jnp.asarray([4, 3]))  # a prefill (XLA's attention)
+    step = jnp.asarray([[7], [11]], jnp.int32)
+    xla = model.forward_cached(step, cache, jnp.ones(2, jnp.int32))
+    plain = generate(model, PROMPTS, 8, temperature=0.0)
+    monkeypatch.setattr(MultiHeadAttention, "decode_kernel", "pallas")
+    spy = []
+    real = ops.decode_attention
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **kw: spy.append(1) or real(*a, **kw))
+    kernel = model.forward_cached(step, cache, jnp.ones(2, jnp.int32))
+    assert spy, "the decode kernel did not run"
+    np.testing.assert_allclose(kernel[0], xla[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(kernel[1]), jax.tree.leaves(xla[1])):  # later layers: rounding apart
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    fast = generate(model, PROMPTS, 8, temperature=0.0)
+    np.testing.assert_array_equal(fast[0], plain[0])
+    np.testing.assert_array_equal(fast[1], plain[1])
+    monkeypatch.setattr(MultiHeadAttention, "decode_kernel", "triton")
+    with pytest.raises(ValueError, match="decode_kernel must be None or 'pallas'"):
+        model.forward_cached(step, cache, jnp.ones(2, jnp.int32))

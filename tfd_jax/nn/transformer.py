@@ -35,6 +35,10 @@ class MultiHeadAttention(nnx.Module):
     """
 
     fuse_qkv: bool | None = None
+    #: ``"pallas"`` (an opt-in, for GPUs): a decoding step's self-attention over the KV cache runs
+    #: JAX's Pallas flash-decoding kernel (``ops.decode_attention``) where it can (one new token, no
+    #: score bias, a cache and head size it takes); None: XLA's attention, as training.
+    decode_kernel: str | None = None
 
     def __init__(
         self,
@@ -159,6 +163,13 @@ class MultiHeadAttention(nnx.Module):
             k, v = self.key_value(x if context is None else context, positions)
         return self.attend(q, k, v, mask=mask, is_causal=is_causal, bias=bias)
 
+    def _decode_kernel(self, new_tokens: int, cache_length: int, head_dim: int, bias) -> bool:
+        """Whether :meth:`cached` runs ``ops.decode_attention`` (see ``decode_kernel``)."""
+        if self.decode_kernel not in (None, "pallas"):
+            raise ValueError(f"MultiHeadAttention.decode_kernel must be None or 'pallas', got {self.decode_kernel!r}")
+        return (self.decode_kernel == "pallas" and new_tokens == 1 and bias is None
+                and ops.decode_attention_plan(cache_length, head_dim) is not None)
+
     def cached(
         self, x: jax.Array, keys: jax.Array, values: jax.Array, *, positions: jax.Array, start: jax.Array, mask: jax.Array,
         bias: jax.Array | None = None,
@@ -167,8 +178,9 @@ class MultiHeadAttention(nnx.Module):
 
         The new tokens' K/V (``x [B, T, M]`` at ``positions [B, T]``) are written into the cache
         buffers ``[B, K, S_max, D]`` at each row's ``start [B]``, then the queries attend to the
-        whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions), with ``bias``
-        (float, broadcastable to ``[B, H, T, S_max]``) added to the scores.
+        whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions: a key at or
+        before the query's position), with ``bias`` (float, broadcastable to ``[B, H, T, S_max]``)
+        added to the scores.
 
         Returns:
           the output ``[B, T, M]`` and the two updated buffers.
@@ -184,6 +196,11 @@ class MultiHeadAttention(nnx.Module):
         # batched products in this layout, and CPUs gain nothing from bf16 arithmetic anyway.
         if jax.default_backend() == "cpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             qa, ka, va = (a.astype(jnp.float32) for a in (qa, ka, va))
+        if self._decode_kernel(x.shape[1], ka.shape[1], q.shape[-1], bias):
+            # the mask every cached caller builds is positional (keys at or before the query's
+            # position), so a row's valid keys are the first position + 1 slots
+            out = ops.decode_attention(qa[:, 0], ka, va, positions[:, 0] + 1, scale=self.scale)
+            return self.o(ops.merge_heads(out[:, None].astype(q.dtype))), keys, values
         impl = "xla" if self.impl == "splash" else self.impl  # splash is a training kernel (whole blocks)
         heads = ops.attention(qa, ka, va, mask=mask, scale=self.scale, bias=bias, impl=impl).astype(q.dtype)
         return self.o(ops.merge_heads(heads)), keys, values

@@ -334,6 +334,61 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: boo
     return to_bhtd(out).astype(q.dtype)
 
 
+def decode_attention_plan(cache_length: int, head_dim: int) -> tuple[int, int] | None:
+    """``(k_splits, block_k)`` for :func:`decode_attention` over a cache of ``cache_length`` slots,
+    or None where the kernel cannot run it (then callers use XLA's attention).
+
+    The kernel splits the cache into ``k_splits`` parts of at least 16 slots, each read in blocks of
+    ``block_k`` (a power of two, 16 to 128, dividing the part); Triton needs a power-of-two head dim.
+    """
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return None
+    for splits in (16, 8, 4, 2, 1):
+        part = cache_length // splits
+        if cache_length % splits or part < 16:
+            continue
+        block = 128
+        while block >= 16 and part % block:
+            block //= 2
+        if block >= 16:
+            return splits, block
+    return None
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float | None = None,
+                     interpret: bool | None = None) -> jax.Array:
+    """One new query per row over a KV cache, with JAX's Pallas flash-decoding kernel (Chapter 13).
+
+    The GPU kernel (``jax.experimental.pallas.ops.gpu.decode_attention``, Triton) splits the cache
+    into parts that run in parallel and combines their softmaxes, and reads only the slots below each
+    row's length: the scores, the softmax and the weighted sum of one layer's decoding step are
+    the kernel and a short combine instead of XLA's several fusions over the whole buffer. An opt-in (``MultiHeadAttention.decode_kernel = "pallas"``) measured by
+    ``experiments/gpu_check.sh``; equal to :func:`attention` with the positional mask in tests.
+
+    Args:
+      q: ``[B, H, D]``, the new token's queries.
+      k, v: ``[B, S, K, D]`` cache buffers (``K`` divides ``H``: grouped-query attention).
+      lengths: int ``[B]``: row ``b`` attends to slots ``0 .. lengths[b] - 1``.
+      scale: multiplies ``q k``; None means ``1 / sqrt(D)``.
+      interpret: run in Pallas's interpreter (slow; any backend). None: on anything but a GPU.
+    Returns:
+      ``[B, H, D]`` in the dtype of ``q``.
+    """
+    from jax.experimental.pallas.ops.gpu import decode_attention as kernel
+
+    plan = decode_attention_plan(k.shape[1], q.shape[-1])
+    if plan is None:
+        raise ValueError(f"the decode kernel needs a cache of >= 16 slots in parts of 16 and a power-of-two head dim "
+                         f">= 16; got S={k.shape[1]}, D={q.shape[-1]}")
+    splits, block = plan
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = kernel.gqa(q, k, v, kv_seq_len=lengths.astype(jnp.int32), sm_scale=float(scale), k_splits=splits,
+                     block_k=block, interpret=interpret)
+    return out.astype(q.dtype)
+
+
 _warned: set[str] = set()
 
 
