@@ -285,7 +285,11 @@ def decode_kernels(model, prompts, new_tokens: int, loop: str) -> dict:
     graphdef, state, dstate = g._start(model, plan, jax.random.key(0))
     compiled = g._decode_loop.lower(graphdef, state, dstate, plan.knobs.max_new, plan.knobs, spec=plan.spec,
                                     loop=loop).compile()
-    return loop_kernels_per_step(compiled.as_text(), plan.out_length)
+    text = compiled.as_text()
+    # Pallas kernels (MultiHeadAttention.decode_kernel): Triton custom calls on a GPU, so a lever
+    # that asked for them shows whether the loop really has them (the interpreter on a CPU has none)
+    return dict(loop_kernels_per_step(text, plan.out_length),
+                triton_calls_in_loop_program=len(re.findall(r'custom_call_target="[^"]*triton', text)))
 
 
 def bench_tfd_jax(setup: dict) -> list[dict]:

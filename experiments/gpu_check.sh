@@ -84,7 +84,8 @@ lever train_no_fuse_qkv train $T --no-fuse-qkv
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.jsonl"
 import json, pathlib, sys
 keep = ("impl", "what", "batch_size", "steps_per_call", "ms_per_step", "tokens_per_s", "mfu", "peak_memory_bytes", "first_step_s", "loop",
-        "kernels_per_token", "command_buffers_per_token", "attention_impl", "ratio", "decode_ratio", "checks")
+        "kernels_per_token", "command_buffers_per_token", "triton_calls_in_loop_program", "first_tokens",
+        "attention_impl", "ratio", "decode_ratio", "checks")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.jsonl")):
     if f.name == "summary.jsonl":
         continue

@@ -65,8 +65,9 @@ class GPTConfig(ConfigMixin):
     # odd. 0 = automatic: 128 on GPU/TPU, none on CPU. Parameters keep their true shape.
     vocab_pad_multiple: int = 0
     # The dtype the output head writes its logits in: "float32" (the course's numbers) or, as an
-    # opt-in for mixed-precision training, "bfloat16": the [B, T, V] logits (the largest array of a
-    # GPT-2 step) take half the memory and traffic; loss and softmax stay float32 (ops.head_cross_entropy).
+    # opt-in for mixed-precision training, "bfloat16": training's fused head and loss keep the
+    # [B, T, V] logits (the largest array of a GPT-2 step) at half the size; loss and softmax stay
+    # float32 (ops.head_cross_entropy), and the logits the model returns are float32 arrays.
     logits_dtype: str = "float32"
     # LoRA adapters on the Linear layers whose paths end with one of lora_targets (comma-separated;
     # Chapter 18, beyond the course; tfd_jax.nn.lora): 0 = none. With adapters, training updates

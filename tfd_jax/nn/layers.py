@@ -140,7 +140,8 @@ class Embed(nnx.Module):
     """Token (or position) embedding table ``[V, M]``; row ``i`` is token ``i``'s vector (Chapter 3).
 
     ``grad_impl`` (a class attribute) is how the lookup's gradient is formed: ``"scatter"`` (the
-    default) or ``"sorted"`` (``ops.embedding_lookup``); the values are the same either way.
+    default) or ``"sorted"`` (``ops.embedding_lookup``); the sums are the same up to their order.
+    It is read when a program is traced, so set it before the first call.
     """
 
     grad_impl: str = "scatter"

@@ -37,7 +37,9 @@ class MultiHeadAttention(nnx.Module):
     fuse_qkv: bool | None = None
     #: ``"pallas"`` (an opt-in, for GPUs): a decoding step's self-attention over the KV cache runs
     #: JAX's Pallas flash-decoding kernel (``ops.decode_attention``) where it can (one new token, no
-    #: score bias, a cache and head size it takes); None: XLA's attention, as training.
+    #: score bias, a cache and head size it takes; on a CPU through Pallas's interpreter, for tests);
+    #: None: XLA's attention, as training. Like ``fuse_qkv`` it is read when a program is traced,
+    #: so set it before the first call (or clear JAX's caches).
     decode_kernel: str | None = None
 
     def __init__(
@@ -167,6 +169,9 @@ class MultiHeadAttention(nnx.Module):
         """Whether :meth:`cached` runs ``ops.decode_attention`` (see ``decode_kernel``)."""
         if self.decode_kernel not in (None, "pallas"):
             raise ValueError(f"MultiHeadAttention.decode_kernel must be None or 'pallas', got {self.decode_kernel!r}")
+        if self.decode_kernel == "pallas" and jax.default_backend() not in ("gpu", "cpu"):
+            raise ValueError(f"MultiHeadAttention.decode_kernel 'pallas' is a GPU kernel and this backend is "
+                             f"{jax.default_backend()!r}; set it to None")
         return (self.decode_kernel == "pallas" and new_tokens == 1 and bias is None
                 and ops.decode_attention_plan(cache_length, head_dim) is not None)
 
@@ -180,7 +185,8 @@ class MultiHeadAttention(nnx.Module):
         buffers ``[B, K, S_max, D]`` at each row's ``start [B]``, then the queries attend to the
         whole buffer under ``mask`` (bool ``[B, 1, T, S_max]``, from cache positions: a key at or
         before the query's position), with ``bias`` (float, broadcastable to ``[B, H, T, S_max]``)
-        added to the scores.
+        added to the scores. With ``decode_kernel="pallas"`` a one-token step does not read
+        ``mask``: the kernel attends to the slots up to the query's position, which is that mask.
 
         Returns:
           the output ``[B, T, M]`` and the two updated buffers.

@@ -378,8 +378,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 
     plan = decode_attention_plan(k.shape[1], q.shape[-1])
     if plan is None:
-        raise ValueError(f"the decode kernel needs a cache of >= 16 slots in parts of 16 and a power-of-two head dim "
-                         f">= 16; got S={k.shape[1]}, D={q.shape[-1]}")
+        raise ValueError(f"the decode kernel needs a cache length that is a multiple of 16 and a power-of-two head "
+                         f"dim of at least 16; got S={k.shape[1]}, D={q.shape[-1]} (use ops.attention)")
     splits, block = plan
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

@@ -3,10 +3,11 @@
 The lookup ``E[ids]`` is a gather; its gradient adds each position's output gradient into the row
 of its token, a scatter-add into the ``[V, M]`` table. XLA's scatter on a GPU adds with atomic
 operations, one per element, and frequent tokens make many of them land on the same row.
-``grad="sorted"`` sorts the positions by token first and sums runs of equal tokens as a sorted
-segment sum, which XLA may lower without contended atomics. Both give the same sums (in another
-order, so equal up to float rounding); ``"scatter"`` is the default, and
-``experiments/gpu_check.sh`` measures the other.
+``grad="sorted"`` sorts the positions by token first and adds them with a segment sum over the
+sorted indices: still a scatter-add, but one that tells XLA its indices are sorted, so equal
+tokens are neighbours, which may spare the colliding atomics. It adds in float32 (the default
+adds in the table's dtype). Both give the same sums up to their order; ``"scatter"`` is the
+default, and ``experiments/gpu_check.sh`` measures the other.
 
 Shape letters: V vocabulary (table rows), M width, N looked-up positions.
 """
@@ -24,14 +25,15 @@ EMBED_GRADS = ("scatter", "sorted")
 def embedding_lookup(table: jax.Array, ids: jax.Array, grad: str = "scatter") -> jax.Array:
     """``table [V, M]`` at int ``ids [...]`` -> ``[..., M]`` (row ``i`` is token ``i``'s vector).
 
-    ``grad`` chooses how the table's gradient is formed (see the module docstring); the values are
-    the same whichever is chosen.
+    ``grad`` chooses how the table's gradient is formed (see the module docstring); the lookup
+    itself is the same whichever is chosen.
     """
     if grad == "scatter":
         return jnp.take(table, ids, axis=0)
     if grad == "sorted":
         return _sorted_lookup(table, ids)
-    raise ValueError(f"embedding grad must be one of {EMBED_GRADS}, got {grad!r}")
+    raise ValueError(f"embedding grad must be one of {EMBED_GRADS} (Embed.grad_impl, or embedding_lookup's "
+                     f"grad=), got {grad!r}")
 
 
 @jax.custom_vjp

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint, with its own settings; only --steps, "
-                        "the logging/eval/checkpoint cadence, --mesh, --grad-accum, --steps-per-call, --remat and --attention may change")
+                        "the logging/eval/checkpoint cadence, --mesh, --grad-accum, --steps-per-call, --remat, --attention and --model logits_dtype may change")
     p.add_argument("--force", action="store_true",
                    help="replace the run in --out with a new one (only a run directory, and only once the new run's settings and data are checked)")
     p.add_argument("--samples", type=int, default=d.samples, help="samples to print at the end (0: none)")

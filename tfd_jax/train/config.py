@@ -104,7 +104,7 @@ RESUMABLE = frozenset({
     "profile_dir", "profile_steps", "debug_nan_steps", "max_nonfinite_streak", "spike_factor",
 })
 #: Model settings that may differ on resume: how the same model is computed, not what it is.
-RESUMABLE_MODEL = frozenset({"remat", "attention_impl"})
+RESUMABLE_MODEL = frozenset({"remat", "attention_impl", "logits_dtype"})
 
 #: ``tfd-jax train`` flag of each setting, for messages (the rest are ``--field-name``, and optimizer
 #: settings without a flag are named as ``TrainConfig.optim`` fields).

@@ -32,9 +32,10 @@ class OptimConfig:
     decay_embeddings: bool = False  # also decay embedding tables (nanoGPT decays every 2-D parameter)
     clip_norm: float | None = 1.0
     # Run the update over flat vectors: the parameters that decay and those that do not each
-    # concatenated into one float32 vector, updated as one array (optax.flatten), instead of one
-    # update per parameter. An opt-in measured by experiments/gpu_check.sh; the optimizer state is
-    # then two flat vectors per moment, so a run resumes only with the setting it started with.
+    # concatenated into one vector (in the parameters' dtype, which must be one), updated as one
+    # array (optax.flatten), instead of one update per parameter. An opt-in measured by
+    # experiments/gpu_check.sh; the optimizer state is then one vector per moment and group, so a
+    # run resumes only with the setting it started with.
     flat_update: bool = False
 
     @classmethod
@@ -110,6 +111,28 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def _flat(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optax.flatten(inner)`` that also takes a tree with no parameters (a group that is empty,
+    e.g. no undecayed parameters among LoRA factors) and refuses parameters of several dtypes,
+    which one vector would promote to a common one."""
+    flat = optax.flatten(inner)
+
+    def check(params):
+        dtypes = {jnp.dtype(x.dtype).name for x in jax.tree.leaves(params)}
+        if len(dtypes) > 1:
+            raise ValueError(f"TrainConfig.optim.flat_update puts the parameters in one vector, so they need one "
+                             f"dtype; these have {sorted(dtypes)}: turn it off or give them one param_dtype")
+
+    def init(params):
+        check(params)
+        return optax.EmptyState() if not jax.tree.leaves(params) else flat.init(params)
+
+    def update(updates, state, params=None):
+        return (updates, state) if not jax.tree.leaves(updates) else flat.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax chain and its schedule. Moments are float32 (``mu_dtype``)."""
     sched = lr_schedule(cfg, total_steps)
@@ -129,11 +152,11 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
         else:
             parts.append(optax.adam(sched, **adam))
     elif not decays:
-        parts.append(optax.flatten(optax.adam(sched, **adam)))
+        parts.append(_flat(optax.adam(sched, **adam)))
     else:  # the decayed parameters in one vector, the others in another (each update is then uniform)
         labels = lambda params: jax.tree.map(  # noqa: E731
             lambda d: "decay" if d else "keep", decay_mask(params, embeddings=cfg.decay_embeddings))
         parts.append(optax.multi_transform(
-            {"decay": optax.flatten(optax.adamw(sched, weight_decay=cfg.weight_decay, **adam)),
-             "keep": optax.flatten(optax.adam(sched, **adam))}, labels))
+            {"decay": _flat(optax.adamw(sched, weight_decay=cfg.weight_decay, **adam)),
+             "keep": _flat(optax.adam(sched, **adam))}, labels))
     return optax.chain(*parts), sched
