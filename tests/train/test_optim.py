@@ -90,7 +90,8 @@ def test_clipping_equals_optax_and_keeps_its_state(norm):
 def test_flat_update_equals_the_per_parameter_update(name, wd):
     """OptimConfig.flat_update: the same parameters after a few clipped, decayed steps, from two
     flat moment vectors (decayed and not) instead of one pair per parameter."""
-    params = nnx.state(GPT(GPTConfig.preset("tiny", vocab_size=97), rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(GPT(GPTConfig.preset("tiny", vocab_size=97, num_layers=1, d_model=32), rngs=nnx.Rngs(0)),
+                       nnx.Param)
     n = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(3)
     grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params) for _ in range(3)]
