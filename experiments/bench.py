@@ -713,14 +713,15 @@ def main(argv=None) -> list[dict] | dict:
     setup["decode_kernel"] = args.decode_kernel
     if args.steps_per_call is not None and args.steps_per_call < 1:
         raise SystemExit("--steps-per-call must be >= 1")
-    setup["steps_per_call"] = args.steps_per_call or (4 if jax.default_backend() == "cpu" else 1)
-    if args.fuse_qkv is not None:  # None: the library's choice (fused off the CPU)
-        from tfd_jax.nn.transformer import MultiHeadAttention
+    from tfd_jax.nn.transformer import MultiHeadAttention
+    from tfd_jax.train import TrainConfig
+    from tfd_jax.train.loop import steps_per_call
 
+    # unset: what tfd-jax train picks for a long run here (4 in one CPU process, else 1)
+    setup["steps_per_call"] = args.steps_per_call or steps_per_call(TrainConfig(steps=10**6))
+    if args.fuse_qkv is not None:  # None: the library's choice (fused off the CPU)
         MultiHeadAttention.fuse_qkv = args.fuse_qkv
     if args.decode_kernel is not None:
-        from tfd_jax.nn.transformer import MultiHeadAttention
-
         MultiHeadAttention.decode_kernel = None if args.decode_kernel == "xla" else args.decode_kernel
     if args.embed_grad is not None:
         from tfd_jax.nn.layers import Embed

@@ -14,6 +14,8 @@
 * The decode loop of known trip count (``loop="fixed"``) against the early-exit ``while_loop``:
   the same tokens, log-probabilities and lengths, greedy and sampled with the same key, with and
   without EOS, and inside a jitted program of one's own (``rollout_traced``).
+* The embedding gradient as a sorted segment sum against the scatter-add and float64, and the
+  Pallas decode-attention kernel (in its interpreter) against float64 and XLA's attention.
 """
 import re
 
@@ -25,12 +27,12 @@ import pytest
 from flax import nnx
 
 from fastjit import FAST
-from tfd_jax.decode import decode_loop_kind, generate, rollout, rollout_traced
 from tfd_jax import ops
+from tfd_jax.decode import decode_loop_kind, generate, rollout, rollout_traced
 from tfd_jax.models import GPT, GPTConfig
 from tfd_jax.nn.layers import Embed
-from tfd_jax.ops.embedding import EMBED_GRADS
 from tfd_jax.nn.transformer import MultiHeadAttention
+from tfd_jax.ops.embedding import EMBED_GRADS
 from tfd_jax.train import sharding as shd
 from tfd_jax.train.optim import OptimConfig, make_optimizer
 from tfd_jax.train.step import init_state, make_multi_step, make_train_step, split_model

@@ -99,7 +99,7 @@ def test_flat_update_equals_the_per_parameter_update(name, wd):
     for flat in (False, True):
         tx, _ = make_optimizer(OptimConfig(name=name, weight_decay=wd, lr=1e-2, warmup_steps=1, flat_update=flat), 10)
         p, state = params, tx.init(params)
-        for g in grads:  # the gradient norms are ~30: clipping acts on every step
+        for g in grads:  # normal draws: the gradient norm is far above 1, so clipping acts on every step
             u, state = jax.jit(tx.update)(g, state, p)
             p = optax.apply_updates(p, u)
         out[flat] = p
@@ -110,6 +110,9 @@ def test_flat_update_equals_the_per_parameter_update(name, wd):
         else:
             assert len(moments) == 2 * len(jax.tree.leaves(params))
     moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(params)))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     # a group with no parameters (here nothing is left undecayed, as with LoRA factors only)
     only_decayed, g = {"a": {"kernel": jnp.ones((4, 4))}}, {"a": {"kernel": jnp.full((4, 4), 0.5)}}
     for flat in (False, True):
@@ -119,9 +122,6 @@ def test_flat_update_equals_the_per_parameter_update(name, wd):
     tx, _ = make_optimizer(OptimConfig(name=name, weight_decay=wd, flat_update=True), 10)
     with pytest.raises(ValueError, match=r"flat_update puts the parameters in one vector, so they need one dtype"):
         tx.init({"w": jnp.ones((2, 2)), "v": jnp.ones((2, 2), jnp.bfloat16)})  # two dtypes in one group
-    assert moved > 1e-3
-    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_optimizer_settings():

@@ -360,10 +360,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     """One new query per row over a KV cache, with JAX's Pallas flash-decoding kernel (Chapter 13).
 
     The GPU kernel (``jax.experimental.pallas.ops.gpu.decode_attention``, Triton) splits the cache
-    into parts that run in parallel and combines their softmaxes, and reads only the slots below each
-    row's length: the scores, the softmax and the weighted sum of one layer's decoding step are
-    the kernel and a short combine instead of XLA's several fusions over the whole buffer. An opt-in (``MultiHeadAttention.decode_kernel = "pallas"``) measured by
-    ``experiments/gpu_check.sh``; equal to :func:`attention` with the positional mask in tests.
+    into parts that run in parallel and combines their softmaxes, and reads only the blocks of slots
+    below each row's length (XLA's attention reads the whole buffer): the scores, the softmax and
+    the weighted sum of one layer's decoding step are the kernel and a short combine. An opt-in
+    (``MultiHeadAttention.decode_kernel = "pallas"``) measured by ``experiments/gpu_check.sh``; equal
+    to :func:`attention` with the positional mask in float32 tests.
 
     Args:
       q: ``[B, H, D]``, the new token's queries.

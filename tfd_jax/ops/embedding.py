@@ -1,8 +1,8 @@
 """The embedding lookup and the two ways to form its gradient (Chapter 3).
 
 The lookup ``E[ids]`` is a gather; its gradient adds each position's output gradient into the row
-of its token, a scatter-add into the ``[V, M]`` table. XLA's scatter on a GPU adds with atomic
-operations, one per element, and frequent tokens make many of them land on the same row.
+of its token, a scatter-add into the ``[V, M]`` table. On a GPU a scatter-add is done with atomic
+additions, and frequent tokens make many of them land on the same row.
 ``grad="sorted"`` sorts the positions by token first and adds them with a segment sum over the
 sorted indices: still a scatter-add, but one that tells XLA its indices are sorted, so equal
 tokens are neighbours, which may spare the colliding atomics. It adds in float32 (the default

@@ -99,7 +99,7 @@ def _padded(w: jax.Array, pad: int) -> jax.Array:
 def _padded_logits(x, w, pad, ldt):
     """``[rows, V + pad]`` in ``ldt``: the product with the padded table (zero logits in the pad),
     accumulated in float32. When the inputs are already in ``ldt`` (bfloat16 training), ``ldt`` is
-    the product's own output type, so a GPU's matrix library writes the rounded logits directly;
+    the product's own output type, so a GPU's product can write the rounded logits itself;
     otherwise the float32 product is rounded afterwards. (XLA:CPU computes the product in float32
     and rounds it in a pass of its own either way, so on a CPU the option saves no memory.)"""
     if x.dtype == ldt:
